@@ -1,0 +1,3 @@
+"""ringrelay: Azure Communication Services events in, phone pushes out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ringrelay.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The ASGI application: wiring of settings, store, providers and the HTTP routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ringrelay import __version__
+from ringrelay.config import Settings
+from ringrelay.delivery import Dispatcher, ProviderRouter
+from ringrelay.metrics import Metrics
+from ringrelay.models import Platform
+from ringrelay.providers import PushProvider
+from ringrelay.providers.sandbox import SandboxProvider
+from ringrelay.store import Store, open_store
+
+log = logging.getLogger("ringrelay")
+
+
+def build_router(settings: Settings) -> tuple[ProviderRouter, SandboxProvider | None, str]:
+    """Providers per platform from the settings; returns the router, the sandbox, a description."""
+    if settings.delivery_backend == "notificationhubs":
+        from ringrelay.providers.notificationhubs import NotificationHubsProvider
+
+        nh = NotificationHubsProvider(
+            settings.nh_connection(),
+            settings.nh_messages_url(),
+            settings.nh_resource_uri(),
+            settings.nh_api_version,
+            timeout=settings.nh_timeout_seconds,
+            sas_ttl=settings.nh_sas_ttl_seconds,
+            ca_file=str(settings.nh_ca_file) if settings.nh_ca_file else None,
+            max_connections=settings.nh_max_connections,
+        )
+        routes: dict[Platform, PushProvider] = {p: nh for p in Platform if nh.supports(p)}
+        return ProviderRouter(routes), None, nh.description
+    sandbox = SandboxProvider(settings.sandbox_capacity)
+    return (
+        ProviderRouter({p: sandbox for p in Platform}),
+        sandbox,
+        "sandbox (records pushes, sends nothing)",
+    )
+
+
+@dataclass
+class Relay:
+    """Everything a request handler needs, kept on `app.state.relay`."""
+
+    settings: Settings
+    store: Store
+    router: ProviderRouter
+    dispatcher: Dispatcher
+    metrics: Metrics
+    sandbox: SandboxProvider | None
+    delivery_description: str
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def webhook_secret_ok(self, given: str | None) -> bool:
+        secret = self.settings.webhook_secret
+        if secret is None:
+            return True
+        if given is None:
+            return False
+        return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
+
+
+def make_relay(settings: Settings) -> Relay:
+    metrics = Metrics()
+    store = open_store(settings.database_url)
+    router, sandbox, description = build_router(settings)
+    dispatcher = Dispatcher(
+        store, router, metrics, ring_window_seconds=settings.ring_window_seconds
+    )
+    return Relay(settings, store, router, dispatcher, metrics, sandbox, description)
+
+
+async def _purge_loop(relay: Relay) -> None:
+    while True:
+        await asyncio.sleep(relay.settings.purge_interval_seconds)
+        try:
+            counts = await relay.store.purge(time.time(), relay.settings.ledger_retention_seconds)
+            if counts.registrations or counts.events or counts.deliveries:
+                log.info(
+                    "purged %d expired registration(s), %d event(s), %d delivery record(s)",
+                    counts.registrations,
+                    counts.events,
+                    counts.deliveries,
+                )
+        except Exception:
+            log.exception("purge failed; will try again")
+
+
+def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    """422 naming each bad field; never echoes the input (it may be a token)."""
+    detail = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())]
+        field_path = [p for p in loc if p not in ("body", "path", "query")]
+        detail.append(
+            {
+                "field": ".".join(field_path) or (loc[-1] if loc else "body"),
+                "loc": loc,
+                "msg": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+            }
+        )
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
+    from ringrelay import compat_api, registry_api, webhook
+
+    relay = relay or make_relay(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await relay.store.open()
+        for provider in relay.router.providers():
+            await provider.start()
+        log.info(
+            "ringrelay %s: store %s, delivery %s",
+            __version__,
+            relay.store.description,
+            relay.delivery_description,
+        )
+        relay.tasks.append(asyncio.create_task(_purge_loop(relay)))
+        try:
+            yield
+        finally:
+            for task in relay.tasks:
+                task.cancel()
+            for provider in relay.router.providers():
+                await provider.close()
+            await relay.store.close()
+
+    app = FastAPI(
+        title="ringrelay",
+        version=__version__,
+        summary="Azure Communication Services events in, VoIP pushes out.",
+        lifespan=lifespan,
+    )
+    app.state.relay = relay
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_response(list(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Store reachable and a provider configured")
+    async def readyz() -> JSONResponse:
+        checks: dict[str, str] = {}
+        ready = True
+        try:
+            await relay.store.ping()
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"unreachable: {type(exc).__name__}"
+            ready = False
+        providers = relay.router.providers()
+        checks["delivery"] = relay.delivery_description if providers else "no provider"
+        ready = ready and bool(providers)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    webhook.install(app)
+    app.include_router(registry_api.router)
+    app.include_router(compat_api.router)
+    return app

@@ -1,0 +1,166 @@
+"""`ringrelay` command line: serve, simulate, fake providers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from ringrelay import __version__
+from ringrelay.config import ConfigError, load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ringrelay.app import create_app
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    relay = app.state.relay
+    print(
+        f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
+        f"  store:    {relay.store.description}\n"
+        f"  delivery: {relay.delivery_description}\n"
+        f"  webhook:  POST http://{args.host}:{args.port}/api/events"
+        + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        access_log=args.access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.webhook_deadline_seconds) + 2,
+    )
+    server = uvicorn.Server(config)
+    # Everything allocated at start-up lives as long as the process: move it out of the
+    # collector's sight, and collect young objects less often (the relay allocates many
+    # short-lived ones per request; see ../shared/notes/http-client-ceilings.md).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    server.run()
+    return 0
+
+
+async def _post(url: str, payload: bytes) -> tuple[int, Any]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp,
+    ):
+        text = await resp.read()
+        try:
+            return resp.status, orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return resp.status, text.decode(errors="replace")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import incoming_call_event
+
+    event = incoming_call_event(args.to, args.caller, args.display_name)
+    url = args.server.rstrip("/") + "/api/events"
+    secret = args.secret or os.environ.get("RINGRELAY_WEBHOOK_SECRET")
+    if secret:
+        from urllib.parse import quote
+
+        url += "?code=" + quote(secret, safe="")
+    try:
+        status, answer = asyncio.run(_post(url, orjson.dumps([event])))
+    except OSError as exc:
+        print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    call_id = event["data"]["correlationId"]
+    print(f"IncomingCall {event['id']} (callId {call_id}) to {args.to}: HTTP {status}")
+    if not isinstance(answer, dict) or "events" not in answer:
+        print(f"  server said: {answer}")
+        return 1
+    for report in answer["events"]:
+        deliveries = report.get("deliveries", [])
+        accepted = sum(1 for d in deliveries if d["status"] == "accepted")
+        print(
+            f"  event status: {report['status']}"
+            + (f" ({report['reason']})" if report.get("reason") else "")
+        )
+        print(f"  devices found: {len(deliveries)}, pushes accepted: {accepted}")
+        for d in deliveries:
+            line = (
+                f"    - {d['device_id']} [{d['platform']}] {d['status']}"
+                f" via {d['provider'] or '-'} after {d['attempts']} attempt(s)"
+            )
+            if d.get("reason"):
+                line += f": {d['reason']}"
+            print(line)
+    return 0 if status == 200 else 1
+
+
+def _fake(args: argparse.Namespace) -> int:
+    from ringrelay.fakes.notificationhubs import run_forever
+
+    asyncio.run(run_forever(args.host, args.port, args.tls_dir, args.hub, args.key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringrelay", description="Azure Communication Services events in, VoIP pushes out."
+    )
+    parser.add_argument("--version", action="version", version=f"ringrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=_serve)
+
+    sim = sub.add_parser("simulate", help="post a realistic event to a running server")
+    sim_sub = sim.add_subparsers(dest="event", required=True)
+    call = sim_sub.add_parser("incoming-call", help="a Microsoft.Communication.IncomingCall")
+    call.add_argument("--to", required=True, help="callee rawId, e.g. 8:acs:<resource>_<user>")
+    call.add_argument(
+        "--from",
+        dest="caller",
+        default="8:acs:00000000-0000-0000-0000-000000000000_caller",
+        help="caller rawId (4:+<E.164> for a phone caller)",
+    )
+    call.add_argument("--display-name", default="ringrelay simulator")
+    call.add_argument("--server", default="http://127.0.0.1:8080")
+    call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
+    call.set_defaults(func=_simulate)
+
+    fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
+    fake_sub = fake.add_subparsers(dest="provider", required=True)
+    nh = fake_sub.add_parser("notificationhubs", help="fake Azure Notification Hubs over TLS")
+    nh.add_argument("--host", default="127.0.0.1")
+    nh.add_argument("--port", type=int, default=9443)
+    nh.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="where to write the CA")
+    nh.add_argument("--hub", default="ringrelay")
+    nh.add_argument("--key", default="ringrelay-fake-key")
+    nh.set_defaults(func=_fake)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

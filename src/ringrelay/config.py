@@ -1,0 +1,261 @@
+"""Settings: the environment (`RINGRELAY_*`, and Microsoft's sample names for Notification Hubs)
+over an optional TOML file over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Registration lifetime bounds: the ACS calling SDK's own limits (learn.microsoft.com
+# azure/communication-services/how-tos/calling-sdk/push-notifications: 5 min ... 180 days).
+MIN_TTL_SECONDS = 300
+MAX_TTL_SECONDS = 15_552_000
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationHubsConnection:
+    endpoint: str  # https://<namespace>.servicebus.windows.net/
+    key_name: str
+    key: str
+
+
+def parse_connection_string(value: str) -> NotificationHubsConnection:
+    """`Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=...;SharedAccessKey=...`.
+
+    Split on `;` then on the first `=`, keys case-insensitive, as the Azure SDK parser does
+    (azure-servicebus `_parse_conn_str`).
+    """
+    parts: dict[str, str] = {}
+    for part in value.strip().split(";"):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        if not sep:
+            raise ValueError(f"segment {key.strip()!r} has no '='")
+        parts[key.strip().lower()] = val.strip()
+    missing = [
+        name
+        for name in ("Endpoint", "SharedAccessKeyName", "SharedAccessKey")
+        if not parts.get(name.lower())
+    ]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    endpoint = urlsplit(parts["endpoint"])
+    if endpoint.scheme not in ("sb", "https", "http") or not endpoint.hostname:
+        raise ValueError("Endpoint must look like sb://<namespace>.servicebus.windows.net/")
+    scheme = "http" if endpoint.scheme == "http" else "https"
+    return NotificationHubsConnection(
+        endpoint=f"{scheme}://{endpoint.netloc}/",
+        key_name=parts["sharedaccesskeyname"],
+        key=parts["sharedaccesskey"],
+    )
+
+
+def _names(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RINGRELAY_",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    database_url: str = "sqlite:///./ringrelay.db"
+    webhook_secret: SecretStr | None = None
+    ring_window_seconds: int = Field(default=45, ge=5, le=3600)
+    # 30 days: FCM calls a token stale after a month without contact (firebase manage-tokens).
+    default_ttl_seconds: int = Field(default=30 * 86400, ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)
+    # Event Grid waits 30 s for an answer (learn.microsoft.com azure/event-grid/delivery-and-retry);
+    # stop retrying in-process early enough to answer before that.
+    webhook_deadline_seconds: float = Field(default=20.0, gt=0, le=28)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    delivery: Literal["auto", "sandbox", "notificationhubs"] = "auto"
+    sandbox_capacity: int = Field(default=1000, ge=1, le=100_000)
+    purge_interval_seconds: float = Field(default=60.0, gt=0)
+    ledger_retention_seconds: int = Field(default=7 * 86400, ge=60)
+    log_level: str = "INFO"
+
+    # Notification Hubs: Microsoft's sample/tutorial app-setting names are accepted as they are.
+    nh_connection_string: SecretStr | None = Field(
+        default=None,
+        validation_alias=_names(
+            "RINGRELAY_NH_CONNECTION_STRING",
+            "ANHHubConnectionString",
+            "ANH_Hub_Connection_String",
+            "nh_connection_string",
+        ),
+    )
+    nh_hub_name: str | None = Field(
+        default=None,
+        validation_alias=_names(
+            "RINGRELAY_NH_HUB_NAME", "ANHHubName", "ANH_Hub_Name", "nh_hub_name"
+        ),
+    )
+    nh_hub_url: str | None = Field(
+        default=None,
+        validation_alias=_names("RINGRELAY_NH_HUB_URL", "ANHHubUrl", "ANH_Hub_URL", "nh_hub_url"),
+    )
+    # 2020-06 is what the Azure JS SDK uses for every data-plane call, fcmv1 included
+    # (azure-sdk-for-js notification-hubs clientContext.ts); the sample's 2015-01 predates fcmv1.
+    nh_api_version: str = Field(
+        default="2020-06",
+        validation_alias=_names(
+            "RINGRELAY_NH_API_VERSION", "ANHHubApiVersion", "ANH_Hub_Api_Version", "nh_api_version"
+        ),
+    )
+    nh_ca_file: Path | None = None  # tests and fakes only: trust this CA for the hub's TLS
+    nh_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    nh_sas_ttl_seconds: int = Field(default=3600, ge=300, le=86400)
+    nh_max_connections: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("nh_connection_string")
+    @classmethod
+    def _check_connection_string(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip():
+            parse_connection_string(value.get_secret_value())
+            return value
+        return None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith("sqlite:///"):
+            raise ValueError("expected sqlite:///path (PostgreSQL support is not built yet)")
+        return value
+
+    @field_validator("nh_hub_url")
+    @classmethod
+    def _check_hub_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("expected https://<namespace>.servicebus.windows.net/<hub>/messages/")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check_notification_hubs(self) -> Settings:
+        if self.delivery == "notificationhubs" and self.nh_connection_string is None:
+            raise ValueError(
+                "nh_connection_string: required when delivery = notificationhubs "
+                "(RINGRELAY_NH_CONNECTION_STRING or ANHHubConnectionString)"
+            )
+        if self.nh_connection_string is not None and not (self.nh_hub_name or self.nh_hub_url):
+            raise ValueError(
+                "nh_hub_name: required with a Notification Hubs connection string "
+                "(RINGRELAY_NH_HUB_NAME or ANHHubName, or give ANHHubUrl)"
+            )
+        return self
+
+    # --- derived ---------------------------------------------------------------------------
+
+    @property
+    def delivery_backend(self) -> Literal["sandbox", "notificationhubs"]:
+        if self.delivery == "auto":
+            return "notificationhubs" if self.nh_connection_string is not None else "sandbox"
+        return self.delivery
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.database_url.removeprefix("sqlite:///")
+
+    def nh_connection(self) -> NotificationHubsConnection:
+        assert self.nh_connection_string is not None
+        return parse_connection_string(self.nh_connection_string.get_secret_value())
+
+    def nh_messages_url(self) -> str:
+        """`https://{namespace}.servicebus.windows.net/{hub}/messages/` (the sample's ANHHubUrl)."""
+        if self.nh_hub_url:
+            url = self.nh_hub_url.split("?", 1)[0]
+            return url if url.endswith("/") else url + "/"
+        return f"{self.nh_connection().endpoint}{self.nh_hub_name}/messages/"
+
+    def nh_resource_uri(self) -> str:
+        """The hub URI the SAS token is scoped to: the messages URL without `/messages/`."""
+        url = self.nh_messages_url().rstrip("/")
+        return url.removesuffix("/messages")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
+        return tuple(sources)
+
+
+_toml_path: Path | None = None
+
+# Which names a user may have written for each field, for error messages.
+_FIELD_NAMES: dict[str, str] = {
+    "nh_connection_string": "RINGRELAY_NH_CONNECTION_STRING / ANHHubConnectionString / "
+    "ANH_Hub_Connection_String",
+    "nh_hub_name": "RINGRELAY_NH_HUB_NAME / ANHHubName / ANH_Hub_Name",
+    "nh_hub_url": "RINGRELAY_NH_HUB_URL / ANHHubUrl / ANH_Hub_URL",
+    "nh_api_version": "RINGRELAY_NH_API_VERSION / ANHHubApiVersion / ANH_Hub_Api_Version",
+}
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "settings"
+    field = str(loc[0])
+    for name, label in _FIELD_NAMES.items():
+        if field == name or field in label.split(" / "):
+            return label
+    return f"RINGRELAY_{field.upper()}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings; raise ConfigError naming the setting when one is malformed."""
+    global _toml_path
+    path = config_file or os.environ.get("RINGRELAY_CONFIG") or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"RINGRELAY_CONFIG / --config: no such file: {path}")
+    _toml_path = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not err["loc"] and ":" in msg:
+                lines.append(msg)
+            else:
+                lines.append(f"{_setting_name(tuple(err['loc']))}: {msg}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
+    finally:
+        _toml_path = None

@@ -1,0 +1,324 @@
+"""Delivery: from a parsed event to settled pushes on every device of the callee.
+
+Per event: find the callee's live VoIP registrations, claim each (event, device) in the ledger,
+push to all devices at once, retry transient failures with short jittered backoff inside the ring
+window and the webhook's deadline, and record every device's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ringrelay.events import INCOMING_CALL, Event
+from ringrelay.metrics import Metrics
+from ringrelay.models import (
+    DeliveryOutcome,
+    DeliveryStatus,
+    EventRecord,
+    EventStatus,
+    Platform,
+    PushKind,
+    Registration,
+)
+from ringrelay.payloads import CallPush, PayloadError, call_push_from_incoming_call
+from ringrelay.providers import PushProvider, PushRequest, PushResult
+from ringrelay.redact import fingerprint
+from ringrelay.store import Store
+
+log = logging.getLogger("ringrelay.delivery")
+
+# Backoff between attempts: 100 ms doubling to 2 s, each drawn from [50 %, 150 %] so that many
+# failing pushes do not retry in lockstep. The first retry comes well under a second.
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 2.0
+MAX_ATTEMPTS_PER_DELIVERY = 8
+
+
+def backoff(attempt: int) -> float:
+    return float(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))) * random.uniform(0.5, 1.5)
+
+
+@dataclass(slots=True)
+class EventReport:
+    """What happened to one event of a delivery (returned in the webhook's answer)."""
+
+    event_id: str
+    event_type: str
+    status: EventStatus
+    reason: str = ""
+    correlation_id: str | None = None
+    recipient: str | None = None
+    deliveries: list[DeliveryOutcome] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.event_id, "type": self.event_type, "status": self.status}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.correlation_id:
+            out["callId"] = self.correlation_id
+        if self.recipient:
+            out["recipient"] = self.recipient
+        if self.deliveries or self.status not in (EventStatus.IGNORED, EventStatus.REJECTED):
+            out["deliveries"] = [outcome_json(d) for d in self.deliveries]
+        return out
+
+
+def outcome_json(o: DeliveryOutcome) -> dict[str, Any]:
+    return {
+        "identity": o.identity,
+        "device_id": o.device_id,
+        "platform": o.platform,
+        "status": o.status,
+        "reason": o.reason,
+        "attempts": o.attempts,
+        "provider": o.provider,
+        "provider_ref": o.provider_ref,
+        "token": o.token_fingerprint,
+    }
+
+
+class ProviderRouter:
+    """Which provider serves which platform."""
+
+    def __init__(self, routes: dict[Platform, PushProvider]) -> None:
+        self.routes = routes
+
+    def for_platform(self, platform: Platform) -> PushProvider | None:
+        return self.routes.get(platform)
+
+    def providers(self) -> list[PushProvider]:
+        unique: dict[int, PushProvider] = {id(p): p for p in self.routes.values()}
+        return list(unique.values())
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        router: ProviderRouter,
+        metrics: Metrics,
+        *,
+        ring_window_seconds: float,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.metrics = metrics
+        self.ring_window = ring_window_seconds
+        # Single flight: a duplicate delivery of an event being handled in this process waits
+        # for the first instead of racing it.
+        self._inflight: dict[str, asyncio.Future[EventReport]] = {}
+
+    async def handle(self, event: Event, received_at: float, deadline: float) -> EventReport:
+        if event.error:
+            report = EventReport(event.id, event.type, EventStatus.REJECTED, event.error)
+            await self._record(report, received_at)
+        elif event.type == INCOMING_CALL:
+            report = await self._single_flight(event, received_at, deadline)
+        else:
+            report = EventReport(
+                event.id, event.type, EventStatus.IGNORED, "event type not handled"
+            )
+        self.metrics.events.labels(_type_label(event.type), report.status.value).inc()
+        return report
+
+    async def _single_flight(
+        self, event: Event, received_at: float, deadline: float
+    ) -> EventReport:
+        running = self._inflight.get(event.id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[EventReport] = asyncio.get_running_loop().create_future()
+        self._inflight[event.id] = future
+        try:
+            report = await self._incoming_call(event, received_at, deadline)
+            future.set_result(report)
+            return report
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise, nobody else needs to
+            raise
+        finally:
+            del self._inflight[event.id]
+
+    async def _record(self, report: EventReport, now: float) -> None:
+        await self.store.record_event(
+            EventRecord(
+                report.event_id,
+                report.event_type,
+                report.status,
+                report.reason,
+                report.correlation_id,
+                report.recipient,
+                received_at=now,
+            ),
+            now,
+        )
+
+    async def _incoming_call(
+        self, event: Event, received_at: float, deadline: float
+    ) -> EventReport:
+        try:
+            call = call_push_from_incoming_call(event.data)
+        except PayloadError as exc:
+            report = EventReport(event.id, event.type, EventStatus.REJECTED, str(exc))
+            await self._record(report, received_at)
+            log.info("event %s rejected: %s", event.id, exc)
+            return report
+
+        report = EventReport(
+            event.id,
+            event.type,
+            EventStatus.PENDING,
+            correlation_id=call.call_id,
+            recipient=call.recipient_id,
+        )
+        ring_ends_at = (event.time if event.time is not None else received_at) + self.ring_window
+        now = time.time()
+        targets = await self.store.push_targets(call.recipient_id, PushKind.VOIP, now)
+        if not targets:
+            report.status = EventStatus.NO_DEVICES
+            report.reason = "no live VoIP registration for the callee"
+            await self._record(report, now)
+            return report
+
+        record = EventRecord(
+            event.id, event.type, EventStatus.PENDING, "", call.call_id, call.recipient_id, now
+        )
+        # The lease outlives this request's deadline a little, so a crashed process's claims are
+        # taken over by the next delivery attempt, and a live one's are not.
+        claim = await self.store.claim_deliveries(record, targets, now, lease_until=deadline + 5)
+
+        if now >= ring_ends_at:
+            outcomes = [
+                self._outcome(reg, DeliveryStatus.EXPIRED, "ring window ended", claim)
+                for reg in claim.to_send
+            ]
+            report.status = EventStatus.EXPIRED
+            report.reason = (
+                f"event time is {now - ring_ends_at + self.ring_window:.0f}s old, "
+                f"past the {self.ring_window:.0f}s ring window"
+            )
+        else:
+            stop_at = min(deadline, ring_ends_at)
+            outcomes = list(
+                await asyncio.gather(
+                    *(
+                        self._push_with_retries(reg, call, event.id, ring_ends_at, stop_at, claim)
+                        for reg in claim.to_send
+                    )
+                )
+            )
+            report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
+            if claim.busy:
+                report.reason = f"{len(claim.busy)} device(s) in flight under another claim"
+
+        report.deliveries = [*outcomes, *claim.settled, *claim.busy]
+        record.status = report.status
+        record.reason = report.reason
+        await self.store.settle_deliveries(record, outcomes, time.time())
+        return report
+
+    def _outcome(
+        self,
+        reg: Registration,
+        status: DeliveryStatus,
+        reason: str,
+        claim_attempts: Any,
+        attempts: int = 0,
+        provider: str = "",
+        provider_ref: str | None = None,
+    ) -> DeliveryOutcome:
+        earlier = claim_attempts.attempts.get((reg.identity, reg.device_id), 0)
+        return DeliveryOutcome(
+            identity=reg.identity,
+            device_id=reg.device_id,
+            platform=reg.platform,
+            status=status,
+            reason=reason,
+            attempts=earlier + attempts,
+            provider=provider,
+            provider_ref=provider_ref,
+            token_fingerprint=fingerprint(reg.token),
+        )
+
+    async def _push_with_retries(
+        self,
+        reg: Registration,
+        call: CallPush,
+        event_id: str,
+        ring_ends_at: float,
+        stop_at: float,
+        claim: Any,
+    ) -> DeliveryOutcome:
+        provider = self.router.for_platform(reg.platform)
+        if provider is None:
+            return self._outcome(
+                reg, DeliveryStatus.REJECTED, f"no transport configured for {reg.platform}", claim
+            )
+        push_id = str(uuid.uuid4())
+        attempts = 0
+        result = PushResult(DeliveryStatus.TRANSIENT, "not attempted")
+        while attempts < MAX_ATTEMPTS_PER_DELIVERY:
+            remaining = stop_at - time.time()
+            if remaining <= 0:
+                break
+            attempts += 1
+            started = time.perf_counter()
+            result = await provider.send(
+                PushRequest(push_id, reg, call, ring_ends_at, remaining, event_id)
+            )
+            self.metrics.push_seconds.labels(provider.name).observe(time.perf_counter() - started)
+            self.metrics.pushes.labels(provider.name, reg.platform.value, result.status.value).inc()
+            if result.status is not DeliveryStatus.TRANSIENT:
+                break
+            delay = backoff(attempts)
+            if result.retry_after is not None:
+                delay = max(delay, result.retry_after)
+            if time.time() + delay >= stop_at:
+                break
+            await asyncio.sleep(delay)
+
+        status, reason = result.status, result.reason
+        if status is DeliveryStatus.TRANSIENT and time.time() >= ring_ends_at:
+            status, reason = DeliveryStatus.EXPIRED, f"ring window ended; last error: {reason}"
+        if status is not DeliveryStatus.ACCEPTED:
+            log.warning(
+                "push %s to %s device %s (%s, token %s) %s after %d attempt(s): %s",
+                push_id,
+                reg.identity,
+                reg.device_id,
+                provider.name,
+                fingerprint(reg.token),
+                status.value,
+                attempts,
+                reason,
+            )
+        return self._outcome(
+            reg, status, reason, claim, attempts, provider.name, result.provider_ref
+        )
+
+
+def _event_status(outcomes: list[DeliveryOutcome], busy: bool) -> EventStatus:
+    if busy or any(not o.status.settled for o in outcomes):
+        return EventStatus.PENDING
+    if all(o.status is DeliveryStatus.ACCEPTED for o in outcomes):
+        return EventStatus.DELIVERED
+    if all(o.status is DeliveryStatus.EXPIRED for o in outcomes):
+        return EventStatus.EXPIRED
+    return EventStatus.FAILED
+
+
+_KNOWN_PREFIX = "Microsoft."
+
+
+def _type_label(event_type: str) -> str:
+    # Bound the metric's label set: arbitrary strings from the wire must not create series.
+    if event_type.startswith(_KNOWN_PREFIX) and len(event_type) <= 80:
+        return event_type
+    return "other"

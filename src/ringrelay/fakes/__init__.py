@@ -1,0 +1,1 @@
+"""The project's own fake providers: real servers on loopback for tests, benchmarks and laptops."""

@@ -1,0 +1,41 @@
+"""Prometheus metrics, exposed at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.deliveries = Counter(
+            "ringrelay_webhook_deliveries",
+            "Event Grid deliveries received, by HTTP status answered",
+            ["status"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "ringrelay_events",
+            "Events received, by type and outcome",
+            ["type", "status"],
+            registry=self.registry,
+        )
+        self.pushes = Counter(
+            "ringrelay_push_attempts",
+            "Push attempts, by provider, platform and result",
+            ["provider", "platform", "result"],
+            registry=self.registry,
+        )
+        self.push_seconds = Histogram(
+            "ringrelay_push_attempt_seconds",
+            "Duration of one push attempt to a provider",
+            ["provider"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.registrations = Counter(
+            "ringrelay_registration_changes",
+            "Registry writes, by operation",
+            ["op"],
+            registry=self.registry,
+        )

@@ -1,0 +1,103 @@
+"""Domain types shared by the store, the payload builders, the providers and the dispatcher."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Platform(StrEnum):
+    """The push network a device token belongs to."""
+
+    APNS = "apns"
+    FCM = "fcm"  # FCM HTTP v1
+    GCM = "gcm"  # legacy FCM/GCM format, reachable only through Notification Hubs
+    WNS = "wns"
+    ADM = "adm"
+    BAIDU = "baidu"
+
+
+class PushKind(StrEnum):
+    """`voip` tokens (PushKit on iOS) ring calls; `alert` tokens show notifications (chat)."""
+
+    VOIP = "voip"
+    ALERT = "alert"
+
+
+class DeliveryStatus(StrEnum):
+    IN_FLIGHT = "in_flight"  # claimed, push under way
+    ACCEPTED = "accepted"  # the provider took it
+    REJECTED = "rejected"  # the provider refused it for good (bad token, bad payload)
+    CONFIG_ERROR = "config_error"  # our credentials/endpoint are wrong; a retry cannot fix it
+    TRANSIENT = "transient"  # may succeed later: Event Grid's retry will push again
+    EXPIRED = "expired"  # the ring window ended before it could be delivered
+
+    @property
+    def settled(self) -> bool:
+        return self not in (DeliveryStatus.IN_FLIGHT, DeliveryStatus.TRANSIENT)
+
+
+class EventStatus(StrEnum):
+    DELIVERED = "delivered"  # every device accepted
+    FAILED = "failed"  # settled, but some device was refused
+    PENDING = "pending"  # a transient failure remains: answered 503 for Event Grid to retry
+    EXPIRED = "expired"  # older than the ring window
+    REJECTED = "rejected"  # malformed event
+    NO_DEVICES = "no_devices"  # nobody to push to
+    IGNORED = "ignored"  # event type we do not handle
+
+
+# ACS raw identifiers (../shared/notes/acs-payloads.md §1.7). Anything that is not one of these
+# shapes is refused at registration: a typo would otherwise store a registration that never rings.
+RAW_ID_RE = re.compile(
+    r"^(?:"
+    r"8:(?:acs|gcch-acs|dod-acs|spool|orgid|gcch|dod|teamsvisitor):[A-Za-z0-9._\-]{1,200}"
+    r"|28:(?:orgid|gcch|dod):[A-Za-z0-9._\-]{1,200}"
+    r"|4:\+?[0-9]{3,20}"
+    r")$"
+)
+
+
+def is_raw_id(value: str) -> bool:
+    return RAW_ID_RE.match(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    identity: str  # ACS rawId of the callee
+    device_id: str  # chosen by the app, stable per install
+    platform: Platform
+    token: str
+    push_kind: PushKind
+    app_id: str | None
+    created_at: float
+    updated_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """One device's result for one event, as recorded in the ledger."""
+
+    identity: str
+    device_id: str
+    platform: Platform
+    status: DeliveryStatus
+    reason: str = ""
+    attempts: int = 0
+    provider: str = ""
+    provider_ref: str | None = None  # e.g. apns-id / Notification Hubs notification id
+    token_fingerprint: str = ""
+
+
+@dataclass(slots=True)
+class EventRecord:
+    event_id: str
+    event_type: str
+    status: EventStatus
+    reason: str = ""
+    correlation_id: str | None = None
+    recipient: str | None = None
+    received_at: float = 0.0
+    deliveries: list[DeliveryOutcome] = field(default_factory=list)

@@ -1,0 +1,235 @@
+"""Azure Notification Hubs Direct Send over one pooled aiohttp session.
+
+Request shape: learn.microsoft.com/rest/api/notificationhubs/direct-send; SAS token:
+learn.microsoft.com/rest/api/notificationhubs/common-concepts (HMAC-SHA256 over the URL-encoded,
+lower-cased resource URI, a newline and the expiry; the key is used as its UTF-8 bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import ssl
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, quote_plus, urlsplit
+
+import aiohttp
+
+from ringrelay.config import NotificationHubsConnection
+from ringrelay.models import DeliveryStatus, Platform
+from ringrelay.payloads import (
+    NOTIFICATION_HUBS_APNS_MAX_BYTES,
+    adm_body,
+    apns_voip_body,
+    baidu_body,
+    encode,
+    fcm_v1_message,
+    gcm_legacy_body,
+    wns_raw_body,
+)
+from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+
+log = logging.getLogger("ringrelay.notificationhubs")
+
+# ServiceBusNotification-Format per platform (direct-send reference; `fcmv1` from the FCM v1
+# migration guide and the Azure JS SDK).
+FORMATS: dict[Platform, str] = {
+    Platform.APNS: "apple",
+    Platform.FCM: "fcmv1",
+    Platform.GCM: "gcm",
+    Platform.WNS: "windows",
+    Platform.ADM: "adm",
+    Platform.BAIDU: "baidu",
+}
+
+JSON_CONTENT_TYPE = "application/json;charset=utf-8"
+
+
+def make_sas_token(resource_uri: str, key_name: str, key: str, expiry: int) -> str:
+    """`SharedAccessSignature sr=..&sig=..&se=..&skn=..` for `resource_uri` until `expiry`."""
+    encoded_uri = quote_plus(resource_uri.lower(), safe="").lower()
+    to_sign = f"{encoded_uri}\n{expiry}".encode()
+    digest = hmac.new(key.encode("utf-8"), to_sign, hashlib.sha256).digest()
+    signature = quote(base64.b64encode(digest).decode("ascii"), safe="")
+    return (
+        f"SharedAccessSignature sr={encoded_uri}&sig={signature}&se={expiry}"
+        f"&skn={quote(key_name, safe='')}"
+    )
+
+
+class SasTokenCache:
+    """One token shared by every push, minted again when a fifth of its life is left."""
+
+    def __init__(self, conn: NotificationHubsConnection, resource_uri: str, ttl: int) -> None:
+        self._conn = conn
+        self._resource_uri = resource_uri
+        self._ttl = ttl
+        self._token = ""
+        self._expiry = 0.0
+        self.minted = 0
+
+    def token(self, now: float) -> str:
+        if now >= self._expiry - self._ttl / 5:
+            expiry = int(now) + self._ttl
+            self._token = make_sas_token(
+                self._resource_uri, self._conn.key_name, self._conn.key, expiry
+            )
+            self._expiry = float(expiry)
+            self.minted += 1
+        return self._token
+
+
+def _w3c_datetime(ts: float) -> str:
+    # ServiceBusNotification-Apns-Expiry uses W3C DTF (send-apns-native-notification reference).
+    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str], bytes]:
+    """Headers (without Authorization) and body for one direct send."""
+    reg = request.registration
+    call = request.call
+    seconds_left = request.expires_at - now
+    headers = {
+        "ServiceBusNotification-Format": FORMATS[reg.platform],
+        "ServiceBusNotification-DeviceHandle": reg.token,
+        "Content-Type": JSON_CONTENT_TYPE,
+    }
+    body: dict[str, Any]
+    if reg.platform is Platform.APNS:
+        body = apns_voip_body(call)
+        headers.update(
+            {
+                # The ACS tutorial's header and the raw APNs one NH passes through; VoIP must be
+                # explicit or NH infers `alert` (learn.microsoft.com notification-hubs/voip-apns).
+                "ServiceBusNotification-Apns-Push-Type": "voip",
+                "apns-push-type": "voip",
+                "apns-priority": "10",
+                "apns-expiration": str(int(request.expires_at)),
+                "ServiceBusNotification-Apns-Expiry": _w3c_datetime(request.expires_at),
+                "apns-id": request.push_id,
+            }
+        )
+    elif reg.platform is Platform.FCM:
+        body = fcm_v1_message(call, seconds_left)
+    elif reg.platform is Platform.GCM:
+        body = gcm_legacy_body(call, seconds_left)
+    elif reg.platform is Platform.WNS:
+        body = wns_raw_body(call)
+        headers["X-WNS-Type"] = "wns/raw"
+        headers["Content-Type"] = "application/octet-stream"
+    elif reg.platform is Platform.ADM:
+        body = adm_body(call, seconds_left)
+    else:
+        body = baidu_body(call)
+    return headers, encode(body)
+
+
+def _notification_id(location: str | None) -> str | None:
+    # Location: https://{ns}.servicebus.windows.net/{hub}/messages/{notificationId}?api-version=..
+    if not location:
+        return None
+    segments = [s for s in urlsplit(location).path.split("/") if s]
+    return segments[-1] if len(segments) >= 3 else None
+
+
+class NotificationHubsProvider:
+    name = "notificationhubs"
+
+    def __init__(
+        self,
+        conn: NotificationHubsConnection,
+        messages_url: str,
+        resource_uri: str,
+        api_version: str,
+        *,
+        timeout: float = 5.0,
+        sas_ttl: int = 3600,
+        ca_file: str | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        self.url = f"{messages_url}?direct&api-version={api_version}"
+        self.api_version = api_version
+        self.description = f"Notification Hubs ({urlsplit(messages_url).netloc})"
+        self.sas = SasTokenCache(conn, resource_uri, sas_ttl)
+        self._timeout = timeout
+        self._ca_file = ca_file
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def supports(self, platform: Platform) -> bool:
+        return platform in FORMATS
+
+    async def start(self) -> None:
+        ssl_ctx = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else True
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=ssl_ctx, keepalive_timeout=60
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: PushRequest) -> PushResult:
+        assert self._session is not None, "provider not started"
+        now = time.time()
+        headers, body = build_direct_send(request, now)
+        if (
+            request.registration.platform is Platform.APNS
+            and len(body) > NOTIFICATION_HUBS_APNS_MAX_BYTES
+        ):
+            return PushResult(
+                DeliveryStatus.REJECTED,
+                f"payload {len(body)} bytes exceeds Notification Hubs' APNs limit "
+                f"of {NOTIFICATION_HUBS_APNS_MAX_BYTES}",
+            )
+        headers["Authorization"] = self.sas.token(now)
+        headers["x-ms-version"] = self.api_version
+        try:
+            async with self._session.post(
+                self.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=min(self._timeout, request.timeout)),
+            ) as resp:
+                status = resp.status
+                text = (await resp.text(errors="replace"))[:200] if status >= 300 else ""
+                location = resp.headers.get("Location")
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                tracking = resp.headers.get("TrackingId")
+        except TimeoutError:
+            return PushResult(DeliveryStatus.TRANSIENT, "timeout")
+        except aiohttp.ClientError as exc:
+            return PushResult(DeliveryStatus.TRANSIENT, f"connection error: {type(exc).__name__}")
+        except asyncio.CancelledError:
+            raise
+        return classify(status, text, retry_after, _notification_id(location) or tracking)
+
+
+def classify(status: int, text: str, retry_after: float | None, ref: str | None) -> PushResult:
+    """Direct-send status codes (direct-send reference, "Response codes")."""
+    detail = f"HTTP {status}" + (f": {text.strip()}" if text.strip() else "")
+    if status in (200, 201):
+        return PushResult(DeliveryStatus.ACCEPTED, http_status=status, provider_ref=ref)
+    if status in (401, 403, 404):
+        meaning = {
+            401: "authorization failed: check the connection string's key",
+            403: "forbidden (quota or entity): check the hub's tier and the access rule",
+            404: "hub not found: check the hub name / URL",
+        }[status]
+        return PushResult(DeliveryStatus.CONFIG_ERROR, f"{meaning} ({detail})", http_status=status)
+    if status in (400, 413):
+        return PushResult(DeliveryStatus.REJECTED, detail, http_status=status)
+    if status in (408, 429) or status >= 500:
+        return PushResult(
+            DeliveryStatus.TRANSIENT, detail, http_status=status, retry_after=retry_after
+        )
+    return PushResult(DeliveryStatus.REJECTED, detail, http_status=status)

@@ -1,0 +1,70 @@
+"""Realistic IncomingCall deliveries for `ringrelay simulate` and the tests."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def make_incoming_call_context(cc: str | None = None) -> tuple[str, str]:
+    """An `incomingCallContext` shaped like ACS's: unsigned JWT whose payload holds `cc` (base64 of
+    gzip, as in every public sample: it starts `H4sI`) and `shrToken`. Returns (context, cc)."""
+    if cc is None:
+        inner = orjson.dumps({"callId": str(uuid.uuid4()), "nonce": os.urandom(24).hex()})
+        cc = base64.b64encode(gzip.compress(inner + os.urandom(300))).decode("ascii")
+    header = _b64url(b'{"alg":"none","typ":"JWT"}')
+    shr = ".".join(_b64url(os.urandom(n)) for n in (36, 120, 64))
+    payload = _b64url(orjson.dumps({"cc": cc, "shrToken": shr}))
+    return f"{header}.{payload}.", cc
+
+
+def _identifier(raw_id: str) -> dict[str, Any]:
+    if raw_id.startswith("4:"):
+        return {"kind": "phoneNumber", "rawId": raw_id, "phoneNumber": {"value": raw_id[2:]}}
+    if raw_id.startswith("8:acs:"):
+        return {"kind": "communicationUser", "rawId": raw_id, "communicationUser": {"id": raw_id}}
+    return {"kind": "unknown", "rawId": raw_id}
+
+
+def incoming_call_event(
+    to: str,
+    caller: str = "8:acs:00000000-0000-0000-0000-000000000000_caller",
+    display_name: str = "ringrelay simulator",
+    *,
+    event_id: str | None = None,
+    correlation_id: str | None = None,
+    event_time: datetime | None = None,
+    cc: str | None = None,
+) -> dict[str, Any]:
+    """One IncomingCall event in the Event Grid schema."""
+    context, _ = make_incoming_call_context(cc)
+    when = (event_time or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+    prefix = "/phoneCall" if caller.startswith("4:") else ""
+    return {
+        "id": event_id or str(uuid.uuid4()),
+        "topic": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ringrelay/"
+        "providers/Microsoft.Communication/communicationServices/ringrelay-sim",
+        "subject": f"{prefix}/caller/{caller}/recipient/{to}",
+        "data": {
+            "to": _identifier(to),
+            "from": _identifier(caller),
+            "serverCallId": _b64url(os.urandom(48)),
+            "callerDisplayName": display_name,
+            "incomingCallContext": context,
+            "correlationId": correlation_id or str(uuid.uuid4()),
+        },
+        "eventType": "Microsoft.Communication.IncomingCall",
+        "dataVersion": "1.0",
+        "metadataVersion": "1",
+        "eventTime": when,
+    }

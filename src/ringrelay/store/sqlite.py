@@ -1,0 +1,448 @@
+"""SQLite store: the embedded default for one instance.
+
+Queries run directly on the event-loop thread: with WAL and synchronous=NORMAL a commit writes the
+WAL without fsync and takes tens of microseconds, less than a hop to a worker thread would cost.
+Only one process should write the file; several instances need PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from ringrelay.models import (
+    DeliveryOutcome,
+    DeliveryStatus,
+    EventRecord,
+    EventStatus,
+    Platform,
+    PushKind,
+    Registration,
+)
+from ringrelay.redact import fingerprint
+from ringrelay.store import Claim, PurgeCounts, RemovedRegistration
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS registrations (
+    identity    TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    platform    TEXT NOT NULL,
+    token       TEXT NOT NULL,
+    push_kind   TEXT NOT NULL,
+    app_id      TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (identity, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS registrations_token ON registrations (platform, token);
+CREATE INDEX IF NOT EXISTS registrations_expiry ON registrations (expires_at);
+
+CREATE TABLE IF NOT EXISTS events (
+    event_id       TEXT PRIMARY KEY,
+    event_type     TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    correlation_id TEXT,
+    recipient      TEXT,
+    received_at    REAL NOT NULL,
+    updated_at     REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
+CREATE INDEX IF NOT EXISTS events_updated ON events (updated_at);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id          TEXT NOT NULL,
+    identity          TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    platform          TEXT NOT NULL,
+    token_fingerprint TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    reason            TEXT NOT NULL DEFAULT '',
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    provider          TEXT NOT NULL DEFAULT '',
+    provider_ref      TEXT,
+    lease_until       REAL,
+    updated_at        REAL NOT NULL,
+    PRIMARY KEY (event_id, identity, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated_at);
+
+CREATE TABLE IF NOT EXISTS removed_registrations (
+    identity          TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    platform          TEXT NOT NULL,
+    token_fingerprint TEXT NOT NULL,
+    reason            TEXT NOT NULL,
+    removed_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS removed_registrations_identity
+    ON removed_registrations (identity, removed_at);
+"""
+
+_REG_COLUMNS = (
+    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
+)
+
+
+def _registration(row: tuple[Any, ...]) -> Registration:
+    identity, device_id, platform, token, kind, app_id, created, updated, expires = row
+    return Registration(
+        identity=str(identity),
+        device_id=str(device_id),
+        platform=Platform(platform),
+        token=str(token),
+        push_kind=PushKind(kind),
+        app_id=None if app_id is None else str(app_id),
+        created_at=float(created),
+        updated_at=float(updated),
+        expires_at=float(expires),
+    )
+
+
+def _outcome(row: tuple[Any, ...]) -> DeliveryOutcome:
+    identity, device_id, platform, fp, status, reason, attempts, provider, ref = row
+    return DeliveryOutcome(
+        identity=str(identity),
+        device_id=str(device_id),
+        platform=Platform(platform),
+        status=DeliveryStatus(status),
+        reason=str(reason),
+        attempts=int(attempts),
+        provider=str(provider),
+        provider_ref=None if ref is None else str(ref),
+        token_fingerprint=str(fp),
+    )
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.description = f"SQLite ({Path(path).resolve()})" if path != ":memory:" else "SQLite"
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=2000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: schema version {version} is newer than this ringrelay "
+                f"({SCHEMA_VERSION}); upgrade ringrelay"
+            )
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def ping(self) -> None:
+        self.db.execute("SELECT 1").fetchone()
+
+    # --- registry ---------------------------------------------------------------------------
+
+    async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # A token belongs to one install: when a phone switches user, the old identity must
+            # stop ringing it, so every other registration holding this token is dropped.
+            displaced = db.execute(
+                "DELETE FROM registrations WHERE platform = ? AND token = ? "
+                "AND NOT (identity = ? AND device_id = ?)",
+                (reg.platform.value, reg.token, reg.identity, reg.device_id),
+            ).rowcount
+            existing = db.execute(
+                "SELECT created_at FROM registrations WHERE identity = ? AND device_id = ?",
+                (reg.identity, reg.device_id),
+            ).fetchone()
+            created_at = reg.created_at if existing is None else existing[0]
+            db.execute(
+                f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reg.identity,
+                    reg.device_id,
+                    reg.platform.value,
+                    reg.token,
+                    reg.push_kind.value,
+                    reg.app_id,
+                    created_at,
+                    reg.updated_at,
+                    reg.expires_at,
+                ),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return existing is None, displaced
+
+    async def prune_registration(
+        self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
+    ) -> bool:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            removed = db.execute(
+                "DELETE FROM registrations WHERE identity = ? AND device_id = ? AND token = ? "
+                "AND (? IS NULL OR updated_at <= ?)",
+                (
+                    reg.identity,
+                    reg.device_id,
+                    reg.token,
+                    unless_updated_after,
+                    unless_updated_after,
+                ),
+            ).rowcount
+            if removed:
+                db.execute(
+                    "INSERT INTO removed_registrations (identity, device_id, platform, "
+                    "token_fingerprint, reason, removed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        reg.identity,
+                        reg.device_id,
+                        reg.platform.value,
+                        fingerprint(reg.token),
+                        reason,
+                        now,
+                    ),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return removed > 0
+
+    async def removed_registrations(self, identity: str) -> list[RemovedRegistration]:
+        rows = self.db.execute(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations WHERE identity = ? ORDER BY removed_at DESC",
+            (identity,),
+        ).fetchall()
+        return [
+            RemovedRegistration(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]))
+            for r in rows
+        ]
+
+    async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        r.identity,
+                        r.device_id,
+                        r.platform.value,
+                        r.token,
+                        r.push_kind.value,
+                        r.app_id,
+                        r.created_at,
+                        r.updated_at,
+                        r.expires_at,
+                    )
+                    for r in regs
+                ),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def list_registrations(self, identity: str, now: float) -> list[Registration]:
+        rows = self.db.execute(
+            f"SELECT {_REG_COLUMNS} FROM registrations WHERE identity = ? AND expires_at > ? "
+            "ORDER BY device_id",
+            (identity, now),
+        ).fetchall()
+        return [_registration(r) for r in rows]
+
+    async def delete_registration(self, identity: str, device_id: str) -> bool:
+        cur = self.db.execute(
+            "DELETE FROM registrations WHERE identity = ? AND device_id = ?", (identity, device_id)
+        )
+        return cur.rowcount > 0
+
+    async def delete_identity(self, identity: str) -> int:
+        return self.db.execute("DELETE FROM registrations WHERE identity = ?", (identity,)).rowcount
+
+    async def push_targets(self, identity: str, kind: PushKind, now: float) -> list[Registration]:
+        rows = self.db.execute(
+            f"SELECT {_REG_COLUMNS} FROM registrations "
+            "WHERE identity = ? AND push_kind = ? AND expires_at > ?",
+            (identity, kind.value, now),
+        ).fetchall()
+        return [_registration(r) for r in rows]
+
+    # --- ledger -----------------------------------------------------------------------------
+
+    def _upsert_event(self, event: EventRecord, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO events (event_id, event_type, status, reason, correlation_id, recipient, "
+            "received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
+            "reason = excluded.reason, updated_at = excluded.updated_at",
+            (
+                event.event_id,
+                event.event_type,
+                event.status.value,
+                event.reason,
+                event.correlation_id,
+                event.recipient,
+                event.received_at or now,
+                now,
+            ),
+        )
+
+    async def claim_deliveries(
+        self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
+    ) -> Claim:
+        db = self.db
+        claim = Claim()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._upsert_event(event, now)
+            existing = {
+                (str(row[0]), str(row[1])): row
+                for row in db.execute(
+                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
+                    "attempts, provider, provider_ref, lease_until FROM deliveries "
+                    "WHERE event_id = ?",
+                    (event.event_id,),
+                )
+            }
+            claimed: list[tuple[object, ...]] = []
+            for reg in targets:
+                key = (reg.identity, reg.device_id)
+                row = existing.get(key)
+                if row is not None:
+                    status = DeliveryStatus(row[4])
+                    if status.settled:
+                        claim.settled.append(_outcome(row[:9]))
+                        continue
+                    lease = row[9]
+                    if status is DeliveryStatus.IN_FLIGHT and lease is not None and lease > now:
+                        claim.busy.append(_outcome(row[:9]))
+                        continue
+                    claim.attempts[key] = int(row[6])
+                claim.to_send.append(reg)
+                claimed.append(
+                    (
+                        event.event_id,
+                        reg.identity,
+                        reg.device_id,
+                        reg.platform.value,
+                        fingerprint(reg.token),
+                        DeliveryStatus.IN_FLIGHT.value,
+                        claim.attempts.get(key, 0),
+                        lease_until,
+                        now,
+                    )
+                )
+            if claimed:
+                db.executemany(
+                    "INSERT INTO deliveries (event_id, identity, device_id, platform, "
+                    "token_fingerprint, status, attempts, lease_until, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
+                    "status = excluded.status, lease_until = excluded.lease_until, "
+                    "updated_at = excluded.updated_at",
+                    claimed,
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return claim
+
+    async def settle_deliveries(
+        self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
+    ) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._upsert_event(event, now)
+            db.executemany(
+                "UPDATE deliveries SET status = ?, reason = ?, attempts = ?, provider = ?, "
+                "provider_ref = ?, lease_until = NULL, updated_at = ? "
+                "WHERE event_id = ? AND identity = ? AND device_id = ?",
+                (
+                    (
+                        o.status.value,
+                        o.reason,
+                        o.attempts,
+                        o.provider,
+                        o.provider_ref,
+                        now,
+                        event.event_id,
+                        o.identity,
+                        o.device_id,
+                    )
+                    for o in outcomes
+                ),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def record_event(self, event: EventRecord, now: float) -> None:
+        self._upsert_event(event, now)
+
+    async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
+        db = self.db
+        events = [
+            EventRecord(
+                event_id=str(r[0]),
+                event_type=str(r[1]),
+                status=EventStatus(r[2]),
+                reason=str(r[3]),
+                correlation_id=None if r[4] is None else str(r[4]),
+                recipient=None if r[5] is None else str(r[5]),
+                received_at=float(r[6]),
+            )
+            for r in db.execute(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                "received_at FROM events WHERE correlation_id = ? ORDER BY received_at",
+                (correlation_id,),
+            )
+        ]
+        for ev in events:
+            ev.deliveries = [
+                _outcome(r)
+                for r in db.execute(
+                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
+                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
+                    "ORDER BY identity, device_id",
+                    (ev.event_id,),
+                )
+            ]
+        return events
+
+    async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
+        db = self.db
+        cutoff = now - ledger_retention_seconds
+        regs = db.execute("DELETE FROM registrations WHERE expires_at <= ?", (now,)).rowcount
+        deliveries = db.execute("DELETE FROM deliveries WHERE updated_at < ?", (cutoff,)).rowcount
+        events = db.execute("DELETE FROM events WHERE updated_at < ?", (cutoff,)).rowcount
+        db.execute("DELETE FROM removed_registrations WHERE removed_at < ?", (cutoff,))
+        return PurgeCounts(registrations=regs, events=events, deliveries=deliveries)

@@ -1,0 +1,116 @@
+"""POST /api/events: the Event Grid webhook (Event Grid schema and CloudEvents 1.0).
+
+Answers 200 only when every push of the delivery is settled; 503 while a transient failure remains,
+so that Event Grid retries (it never retries 400/401/403/413: learn.microsoft.com
+azure/event-grid/delivery-and-retry). The ledger makes a retried delivery push only the devices
+that have not been settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from ringrelay.app import Relay
+from ringrelay.events import IngestError, parse_delivery, validation_code
+from ringrelay.models import EventStatus
+
+log = logging.getLogger("ringrelay.webhook")
+
+
+class _JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise IngestError(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise IngestError(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _problem(status: int, reason: str) -> Response:
+    return _JSON({"error": reason}, status_code=status)
+
+
+async def events_endpoint(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    if not relay.webhook_secret_ok(request.query_params.get("code")):
+        relay.metrics.deliveries.labels("401").inc()
+        log.warning("webhook delivery refused: missing or wrong 'code' secret")
+        return _problem(401, "missing or wrong 'code' query parameter")
+
+    if request.method == "OPTIONS":
+        # CloudEvents 1.0 abuse protection (cloudevents/spec http-webhook.md §4): allow the
+        # requesting origin, and grant the requested rate (or any rate).
+        origin = request.headers.get("webhook-request-origin", "")
+        headers = {"Allow": "POST, OPTIONS"}
+        if origin:
+            headers["WebHook-Allowed-Origin"] = origin
+            headers["WebHook-Allowed-Rate"] = request.headers.get("webhook-request-rate") or "*"
+        return Response(status_code=200, headers=headers)
+
+    received_at = time.time()
+    try:
+        body = await read_body(request, relay.settings.max_body_bytes)
+        events = parse_delivery(body, request.headers.get("content-type", ""))
+    except IngestError as exc:
+        relay.metrics.deliveries.labels(str(exc.status)).inc()
+        return _problem(exc.status, exc.reason)
+
+    code = validation_code(events)
+    if code is not None:
+        relay.metrics.deliveries.labels("200").inc()
+        log.info("Event Grid subscription validation answered")
+        return _JSON({"validationResponse": code})
+
+    deadline = received_at + relay.settings.webhook_deadline_seconds
+    try:
+        reports = await asyncio.gather(
+            *(relay.dispatcher.handle(ev, received_at, deadline) for ev in events)
+        )
+    except Exception:
+        # The store or something of ours failed: Event Grid must retry, so never 4xx here.
+        log.exception("delivery could not be handled; answering 503 for Event Grid to retry")
+        relay.metrics.deliveries.labels("503").inc()
+        return _problem(503, "temporarily unable to handle the delivery; retry")
+
+    pending = any(r.status is EventStatus.PENDING for r in reports)
+    status = 503 if pending else 200
+    relay.metrics.deliveries.labels(str(status)).inc()
+    retry = {"Retry-After": "1"} if pending else None
+    return _JSON({"events": [r.as_json() for r in reports]}, status_code=status, headers=retry)
+
+
+def install(app: FastAPI) -> None:
+    app.add_api_route(
+        "/api/events",
+        events_endpoint,
+        methods=["POST", "OPTIONS"],
+        tags=["webhook"],
+        summary="Event Grid webhook (Event Grid schema or CloudEvents 1.0)",
+        description=(
+            "Takes Event Grid deliveries: a JSON array (Event Grid schema), one CloudEvent "
+            "(`application/cloudevents+json`) or a batch (`application/cloudevents-batch+json`). "
+            "Answers the validation handshake of both schemas. With `RINGRELAY_WEBHOOK_SECRET` "
+            "set, the query parameter `code` must carry it (else 401). 200 when every push is "
+            "settled, 503 while a transient failure remains (Event Grid retries), 400 for a body "
+            "that is not an event array, 413 over the size limit."
+        ),
+        response_class=_JSON,
+    )
