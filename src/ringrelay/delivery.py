@@ -285,7 +285,11 @@ class Dispatcher:
             await asyncio.sleep(delay)
 
         status, reason = result.status, result.reason
-        if status is DeliveryStatus.TRANSIENT and time.time() >= ring_ends_at:
+        # When the ring ends before our deadline, a later retry (Event Grid's included) would
+        # come too late: the push is expired, not pending.
+        if status is DeliveryStatus.TRANSIENT and (
+            ring_ends_at <= stop_at or time.time() >= ring_ends_at
+        ):
             status, reason = DeliveryStatus.EXPIRED, f"ring window ended; last error: {reason}"
         if status is not DeliveryStatus.ACCEPTED:
             log.warning(

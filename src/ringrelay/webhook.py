@@ -101,16 +101,26 @@ def install(app: FastAPI) -> None:
     app.add_api_route(
         "/api/events",
         events_endpoint,
-        methods=["POST", "OPTIONS"],
+        methods=["POST"],
+        operation_id="receive_events",
         tags=["webhook"],
         summary="Event Grid webhook (Event Grid schema or CloudEvents 1.0)",
         description=(
             "Takes Event Grid deliveries: a JSON array (Event Grid schema), one CloudEvent "
             "(`application/cloudevents+json`) or a batch (`application/cloudevents-batch+json`). "
-            "Answers the validation handshake of both schemas. With `RINGRELAY_WEBHOOK_SECRET` "
-            "set, the query parameter `code` must carry it (else 401). 200 when every push is "
+            "Answers the Event Grid validation handshake. With `RINGRELAY_WEBHOOK_SECRET` set, "
+            "the query parameter `code` must carry it (else 401). 200 when every push is "
             "settled, 503 while a transient failure remains (Event Grid retries), 400 for a body "
             "that is not an event array, 413 over the size limit."
         ),
         response_class=_JSON,
+    )
+    app.add_api_route(
+        "/api/events",
+        events_endpoint,
+        methods=["OPTIONS"],
+        operation_id="cloudevents_handshake",
+        tags=["webhook"],
+        summary="CloudEvents 1.0 abuse-protection handshake",
+        description="Answers `WebHook-Request-Origin` with `WebHook-Allowed-Origin` and rate.",
     )

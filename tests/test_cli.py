@@ -1,0 +1,130 @@
+"""The console script as a user runs it: `ringrelay serve` and `ringrelay simulate` as processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import acs_id
+
+RINGRELAY = [sys.executable, "-m", "ringrelay"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith(("RINGRELAY_", "ANH"))}
+
+
+@pytest.fixture
+def served(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(proc.stdout.read() if proc.stdout else "serve failed") from None
+            time.sleep(0.1)
+    yield url, proc, tmp_path
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_serve_defaults_and_simulate(served) -> None:
+    url, proc, cwd = served
+    callee = acs_id("cli")
+    req = urllib.request.Request(
+        f"{url}/v1/identities/{callee}/devices/phone",
+        data=b'{"platform": "apns", "token": "' + b"ab" * 32 + b'"}',
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    assert urllib.request.urlopen(req).status == 201
+    out = subprocess.run(
+        [
+            *RINGRELAY,
+            "simulate",
+            "incoming-call",
+            "--to",
+            callee,
+            "--from",
+            "4:+14255550123",
+            "--display-name",
+            "Front desk",
+            "--server",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "devices found: 1, pushes accepted: 1" in out.stdout
+    assert "phone [apns] accepted via sandbox" in out.stdout
+    assert (cwd / "ringrelay.db").exists()  # the embedded default store
+
+    proc.terminate()
+    stdout, _ = proc.communicate(timeout=10)
+    assert "store:    SQLite" in stdout
+    assert "delivery: sandbox" in stdout
+
+
+def test_simulate_reports_an_unreachable_server() -> None:
+    out = subprocess.run(
+        [
+            *RINGRELAY,
+            "simulate",
+            "incoming-call",
+            "--to",
+            acs_id("x"),
+            "--server",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "cannot reach" in out.stderr
+
+
+def test_serve_refuses_a_malformed_setting(tmp_path) -> None:
+    env = clean_env() | {
+        "ANHHubConnectionString": "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a",
+        "ANHHubName": "hub",
+    }
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "ANHHubConnectionString" in out.stderr and "SharedAccessKey" in out.stderr

@@ -1,0 +1,92 @@
+"""Settings: environment over TOML over defaults, Microsoft's sample names, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringrelay.config import ConfigError, load_settings
+
+CONN = "Endpoint=sb://contoso.servicebus.windows.net/;SharedAccessKeyName=Full;SharedAccessKey=k="
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith(("RINGRELAY_", "ANH")):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_need_no_configuration() -> None:
+    s = load_settings()
+    assert s.database_url == "sqlite:///./ringrelay.db"
+    assert s.delivery_backend == "sandbox"
+    assert s.ring_window_seconds == 45
+    assert s.webhook_secret is None
+
+
+def test_environment_wins_over_toml(tmp_path, monkeypatch) -> None:
+    toml = tmp_path / "ringrelay.toml"
+    toml.write_text('ring_window_seconds = 30\ndefault_ttl_seconds = 3600\nwebhook_secret = "t"\n')
+    monkeypatch.setenv("RINGRELAY_RING_WINDOW_SECONDS", "40")
+    s = load_settings(toml)
+    assert s.ring_window_seconds == 40
+    assert s.default_ttl_seconds == 3600
+    assert s.webhook_secret is not None and s.webhook_secret.get_secret_value() == "t"
+    monkeypatch.setenv("RINGRELAY_CONFIG", str(toml))
+    assert load_settings().default_ttl_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("ANHHubConnectionString", "ANHHubName", "ANHHubApiVersion"),
+        ("ANH_Hub_Connection_String", "ANH_Hub_Name", "ANH_Hub_Api_Version"),
+        ("RINGRELAY_NH_CONNECTION_STRING", "RINGRELAY_NH_HUB_NAME", "RINGRELAY_NH_API_VERSION"),
+    ],
+)
+def test_sample_app_setting_names_are_accepted(monkeypatch, names) -> None:
+    conn, hub, version = names
+    monkeypatch.setenv(conn, CONN)
+    monkeypatch.setenv(hub, "calls")
+    monkeypatch.setenv(version, "2015-01")
+    s = load_settings()
+    assert s.delivery_backend == "notificationhubs"
+    assert s.nh_messages_url() == "https://contoso.servicebus.windows.net/calls/messages/"
+    assert s.nh_resource_uri() == "https://contoso.servicebus.windows.net/calls"
+    assert s.nh_api_version == "2015-01"
+
+
+def test_sample_hub_url_is_used_as_given(monkeypatch) -> None:
+    monkeypatch.setenv("ANH_Hub_Connection_String", CONN)
+    monkeypatch.setenv("ANH_Hub_URL", "https://contoso.servicebus.windows.net/calls/messages/")
+    s = load_settings()
+    assert s.nh_messages_url() == "https://contoso.servicebus.windows.net/calls/messages/"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ANHHubConnectionString": CONN.replace(";SharedAccessKey=k=", "")}, "SharedAccessKey"),
+        ({"ANHHubConnectionString": "garbage"}, "ANHHubConnectionString"),
+        ({"ANHHubConnectionString": CONN}, "nh_hub_name"),
+        ({"RINGRELAY_RING_WINDOW_SECONDS": "soon"}, "RINGRELAY_RING_WINDOW_SECONDS"),
+        ({"RINGRELAY_DEFAULT_TTL_SECONDS": "10"}, "RINGRELAY_DEFAULT_TTL_SECONDS"),
+        ({"RINGRELAY_DATABASE_URL": "mysql://x"}, "RINGRELAY_DATABASE_URL"),
+        ({"RINGRELAY_DELIVERY": "notificationhubs"}, "nh_connection_string"),
+        ({"ANH_Hub_URL": "ftp://x", "ANHHubConnectionString": CONN}, "ANHHubUrl"),
+    ],
+)
+def test_malformed_settings_name_the_setting(monkeypatch, env, named) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert named in str(err.value)
+    assert "k=" not in str(err.value).replace("SharedAccessKey", "")  # no secret echoed
+
+
+def test_missing_config_file_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings("/nonexistent/ringrelay.toml")

@@ -1,0 +1,325 @@
+"""POST /api/events over the wire: schemas, handshakes, secret, limits, batches, ring window,
+duplicates. Delivery here is the sandbox; tests/test_notificationhubs.py covers the real wire."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+
+from ringrelay.simulate import incoming_call_event
+from tests.conftest import FIXTURES, RunningServer, acs_id, load_fixture, post_events, register
+
+VALIDATION = [
+    {
+        "id": "2d1781af-3a4c-4d7c-bd0c-e34b19da4e66",
+        "topic": "/subscriptions/xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
+        "subject": "",
+        "data": {
+            "validationCode": "512d38b6-c7b8-40c8-89fe-f46f9e9622b6",
+            "validationUrl": "https://rp-eastus2.eventgrid.azure.net:553/eventsubscriptions/x",
+        },
+        "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+        "eventTime": "2022-10-28T04:23:35.1981776Z",
+        "metadataVersion": "1",
+        "dataVersion": "1",
+    }
+]
+
+
+async def sandbox_pushes(http: aiohttp.ClientSession, server: RunningServer, **params: Any) -> list:
+    query = {"reveal": "true", "limit": "1000", **params}
+    async with http.get(f"{server.url}/v1/sandbox/pushes", params=query) as resp:
+        assert resp.status == 200
+        return (await resp.json())["pushes"]
+
+
+async def metric_value(http: aiohttp.ClientSession, server: RunningServer, prefix: str) -> float:
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+# --- handshakes ---------------------------------------------------------------------------
+
+
+async def test_event_grid_validation_handshake(http, sandbox_server) -> None:
+    status, body = await post_events(http, sandbox_server, VALIDATION)
+    assert status == 200
+    assert body == {"validationResponse": "512d38b6-c7b8-40c8-89fe-f46f9e9622b6"}
+
+
+@pytest.mark.parametrize(("rate", "granted"), [("120", "120"), (None, "*")])
+async def test_cloudevents_options_handshake(http, sandbox_server, rate, granted) -> None:
+    headers = {"WebHook-Request-Origin": "eventgrid.azure.net"}
+    if rate:
+        headers["WebHook-Request-Rate"] = rate
+    async with http.options(f"{sandbox_server.url}/api/events", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
+        assert resp.headers["WebHook-Allowed-Rate"] == granted
+        assert "POST" in resp.headers["Allow"]
+
+
+# --- the secret ---------------------------------------------------------------------------
+
+
+async def test_secret_is_required_when_set(http, make_server) -> None:
+    server = make_server(webhook_secret="letmein")
+    callee = acs_id("secret")
+    await register(http, server, callee, "phone")
+    event = incoming_call_event(callee)
+    for query in ("", "?code=wrong", "?code=letmei", "?code=letmein2"):
+        status, _ = await post_events(http, server, [event], query=query)
+        assert status == 401, query
+    async with http.options(
+        f"{server.url}/api/events", headers={"WebHook-Request-Origin": "eventgrid.azure.net"}
+    ) as resp:
+        assert resp.status == 401
+    status, _ = await post_events(http, server, VALIDATION)
+    assert status == 401
+    assert await sandbox_pushes(http, server) == []
+
+    status, body = await post_events(http, server, [event], query="?code=letmein")
+    assert status == 200, body
+    assert len(await sandbox_pushes(http, server)) == 1
+
+
+# --- bad bodies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "empty body"),
+        (b"{not json", "not JSON"),
+        (b'{"id": "x"}', "expected a JSON array"),
+        (b"42", "expected a JSON array"),
+        (b'"text"', "expected a JSON array"),
+    ],
+)
+async def test_unusable_body_is_400_with_reason(http, sandbox_server, body, reason) -> None:
+    async with http.post(
+        f"{sandbox_server.url}/api/events", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400
+        assert reason in (await resp.json())["error"]
+
+
+async def test_body_over_one_mib_is_413(http, sandbox_server) -> None:
+    big = json.dumps([{"id": "x", "data": "a" * (1024 * 1024)}]).encode()
+    async with http.post(f"{sandbox_server.url}/api/events", data=big) as resp:
+        assert resp.status == 413
+
+    async def chunks():  # no Content-Length: the limit holds while streaming too
+        for _ in range(20):
+            yield b"a" * 65536
+
+    async with http.post(f"{sandbox_server.url}/api/events", data=chunks()) as resp:
+        assert resp.status == 413
+
+
+# --- every fixture ------------------------------------------------------------------------
+
+FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json") if not p.name.startswith("push."))
+
+
+@pytest.mark.parametrize("name", FIXTURE_FILES)
+async def test_every_fixture_is_acknowledged_and_classified(http, sandbox_server, name) -> None:
+    doc = load_fixture(name)
+    cloud = ".cloudevents." in name
+    events = doc if isinstance(doc, list) else [doc]
+    if cloud:
+        status, body = await post_events(
+            http, sandbox_server, doc, content_type="application/cloudevents+json"
+        )
+    else:
+        status, body = await post_events(http, sandbox_server, events)
+    assert status == 200, body
+    reports = body["events"]
+    assert len(reports) == len(events)
+    for report in reports:
+        if report["type"] == "Microsoft.Communication.IncomingCall":
+            # The fixtures carry placeholders or the docs' corrupted context: rejected, with
+            # the field named, never a crash.
+            assert report["status"] == "rejected"
+            assert "data.incomingCallContext" in report["reason"]
+        else:
+            assert report["status"] == "ignored"
+    assert await sandbox_pushes(http, sandbox_server) == []
+
+
+async def test_unknown_event_types_are_counted(http, sandbox_server) -> None:
+    chat = load_fixture("chatmessagereceived.eventgrid.azure-docs.json")
+    before = await metric_value(
+        http,
+        sandbox_server,
+        'ringrelay_events_total{status="ignored",type="Microsoft.Communication.ChatMessageReceived"}',
+    )
+    status, _ = await post_events(http, sandbox_server, chat + chat)
+    assert status == 200
+    after = await metric_value(
+        http,
+        sandbox_server,
+        'ringrelay_events_total{status="ignored",type="Microsoft.Communication.ChatMessageReceived"}',
+    )
+    assert after - before == 2
+
+
+# --- real deliveries ------------------------------------------------------------------------
+
+
+async def test_incoming_call_reaches_every_device_with_the_sdk_payload(
+    http, sandbox_server
+) -> None:
+    callee = acs_id("alice")
+    await register(http, sandbox_server, callee, "iphone", platform="apns", app_id="com.x.app")
+    await register(http, sandbox_server, callee, "pixel", platform="fcm", token="fcm:tok-1")
+    await register(http, sandbox_server, acs_id("bob"), "other", platform="fcm", token="fcm:tok-2")
+    event = incoming_call_event(callee, "4:+18557047380", "Bob Phone")
+    status, body = await post_events(http, sandbox_server, [event])
+    assert status == 200
+    (report,) = body["events"]
+    assert report["status"] == "delivered"
+    assert sorted(d["device_id"] for d in report["deliveries"]) == ["iphone", "pixel"]
+
+    pushes = {p["device_id"]: p for p in await sandbox_pushes(http, sandbox_server)}
+    assert set(pushes) == {"iphone", "pixel"}
+    apns = pushes["iphone"]
+    assert apns["headers"]["apns-push-type"] == "voip"
+    assert apns["headers"]["apns-topic"] == "com.x.app.voip"
+    assert apns["headers"]["apns-priority"] == "10"
+    data = apns["body"]["data"]
+    assert apns["body"]["aps"] == {}
+    assert data["eventId"] == 111  # PSTN caller
+    assert data["callId"] == event["data"]["correlationId"]
+    assert data["recipientId"] == callee
+    assert data["callerId"] == "4:+18557047380"
+    assert data["displayName"] == "Bob Phone"
+    ring_end = datetime.fromisoformat(event["eventTime"].replace("0Z", "+00:00")).timestamp() + 45
+    assert int(apns["headers"]["apns-expiration"]) == int(ring_end)
+    fcm = pushes["pixel"]["body"]["message"]
+    assert fcm["data"]["eventId"] == "111"
+    assert fcm["data"]["cp"] == data["cp"]
+    assert fcm["android"]["priority"] == "HIGH"
+
+    # The call context is masked unless asked for.
+    masked = await sandbox_pushes(http, sandbox_server, reveal="false")
+    assert all(p["body"].get("data", {}).get("cp", "sha256:").startswith("sha256:") for p in masked)
+
+    async with http.get(f"{sandbox_server.url}/v1/calls/{data['callId']}") as resp:
+        assert resp.status == 200
+        record = await resp.json()
+    (ev,) = record["events"]
+    assert ev["status"] == "delivered"
+    assert {d["device_id"]: d["status"] for d in ev["deliveries"]} == {
+        "iphone": "accepted",
+        "pixel": "accepted",
+    }
+    assert all(d["token"].startswith("sha256:") for d in ev["deliveries"])
+
+
+async def test_callee_without_devices_is_recorded(http, sandbox_server) -> None:
+    event = incoming_call_event(acs_id("nobody"))
+    status, body = await post_events(http, sandbox_server, [event])
+    assert status == 200
+    assert body["events"][0]["status"] == "no_devices"
+    async with http.get(f"{sandbox_server.url}/v1/calls/{event['data']['correlationId']}") as r:
+        assert (await r.json())["events"][0]["status"] == "no_devices"
+
+
+async def test_cloudevents_single_and_batch(http, sandbox_server) -> None:
+    callee = acs_id("carol")
+    await register(http, sandbox_server, callee, "phone")
+    cloud = load_fixture("incomingcall.cloudevents.azure-rest-api-specs.json")
+
+    def as_cloud(eg: dict) -> dict:
+        ce = copy.deepcopy(cloud)
+        ce.update(id=eg["id"], data=eg["data"], time=eg["eventTime"])
+        return ce
+
+    single = as_cloud(incoming_call_event(callee))
+    status, body = await post_events(
+        http, sandbox_server, single, content_type="application/cloudevents+json; charset=utf-8"
+    )
+    assert status == 200 and body["events"][0]["status"] == "delivered", body
+    batch = [as_cloud(incoming_call_event(callee)) for _ in range(3)]
+    status, body = await post_events(
+        http, sandbox_server, batch, content_type="application/cloudevents-batch+json"
+    )
+    assert status == 200
+    assert [e["status"] for e in body["events"]] == ["delivered"] * 3
+    assert len(await sandbox_pushes(http, sandbox_server)) == 4
+
+
+async def test_batch_with_good_and_bad_events(http, sandbox_server) -> None:
+    callee = acs_id("dave")
+    await register(http, sandbox_server, callee, "phone")
+    good = incoming_call_event(callee)
+    no_cc = incoming_call_event(callee)
+    no_cc["data"]["incomingCallContext"] = "e30.eyJzaHJUb2tlbiI6IngifQ."  # {"shrToken":"x"}
+    no_time = incoming_call_event(callee)
+    del no_time["eventTime"]
+    chat = load_fixture("chatmessagereceived.eventgrid.azure-docs.json")[0]
+    batch = [no_cc, good, 42, chat, no_time, {"eventType": "x"}]
+    status, body = await post_events(http, sandbox_server, batch)
+    assert status == 200
+    statuses = [(e["status"], e.get("reason", "")) for e in body["events"]]
+    assert statuses[0] == ("rejected", "data.incomingCallContext: no 'cc' claim")
+    assert statuses[1][0] == "delivered"
+    assert statuses[2] == ("rejected", "event[2]: not a JSON object")
+    assert statuses[3][0] == "ignored"
+    assert statuses[4] == ("rejected", "event[4]: eventTime: missing")
+    assert statuses[5][0] == "rejected" and "id" in statuses[5][1]
+    pushes = await sandbox_pushes(http, sandbox_server)
+    assert [p["event_id"] for p in pushes] == [good["id"]]
+    # The rejection is recorded for the call.
+    async with http.get(f"{sandbox_server.url}/v1/calls/{no_cc['data']['correlationId']}") as r:
+        assert r.status == 404  # rejected before its callId could be trusted
+    async with http.get(f"{sandbox_server.url}/v1/calls/{good['data']['correlationId']}") as r:
+        assert r.status == 200
+
+
+async def test_call_older_than_the_ring_window_is_expired_not_pushed(http, sandbox_server) -> None:
+    callee = acs_id("erin")
+    await register(http, sandbox_server, callee, "phone")
+    old = incoming_call_event(callee, event_time=datetime.now(UTC) - timedelta(seconds=46))
+    status, body = await post_events(http, sandbox_server, [old])
+    assert status == 200
+    (report,) = body["events"]
+    assert report["status"] == "expired"
+    assert "ring window" in report["reason"]
+    assert [d["status"] for d in report["deliveries"]] == ["expired"]
+    assert await sandbox_pushes(http, sandbox_server) == []
+    recent = incoming_call_event(callee, event_time=datetime.now(UTC) - timedelta(seconds=30))
+    status, body = await post_events(http, sandbox_server, [recent])
+    assert body["events"][0]["status"] == "delivered"
+
+
+async def test_duplicate_deliveries_push_once(http, sandbox_server) -> None:
+    callee = acs_id("frank")
+    for device in ("a", "b", "c"):
+        await register(http, sandbox_server, callee, device)
+    event = incoming_call_event(callee)
+    first = await post_events(http, sandbox_server, [event])
+    second = await post_events(http, sandbox_server, [event])
+    assert first[0] == second[0] == 200
+    assert second[1]["events"][0]["status"] == "delivered"
+    assert all(d["status"] == "accepted" for d in second[1]["events"][0]["deliveries"])
+    concurrent_event = incoming_call_event(callee)
+    results = await asyncio.gather(
+        *(post_events(http, sandbox_server, [concurrent_event]) for _ in range(5))
+    )
+    assert all(status == 200 for status, _ in results)
+    pushes = await sandbox_pushes(http, sandbox_server)
+    per_event: dict[str, int] = {}
+    for p in pushes:
+        per_event[p["event_id"]] = per_event.get(p["event_id"], 0) + 1
+    assert per_event == {event["id"]: 3, concurrent_event["id"]: 3}
