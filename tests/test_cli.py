@@ -128,3 +128,38 @@ def test_serve_refuses_a_malformed_setting(tmp_path) -> None:
     )
     assert out.returncode == 2
     assert "ANHHubConnectionString" in out.stderr and "SharedAccessKey" in out.stderr
+
+
+def test_access_log_never_shows_the_webhook_secret(tmp_path) -> None:
+    port = free_port()
+    env = clean_env() | {"RINGRELAY_WEBHOOK_SECRET": "hunter2-secret"}
+    proc = subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port), "--access-log"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        req = urllib.request.Request(
+            f"{url}/api/events?code=hunter2-secret&x=1",
+            data=b"[]",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        assert urllib.request.urlopen(req).status == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "/api/events?code=<redacted>&x=1" in out
+    assert "hunter2-secret" not in out

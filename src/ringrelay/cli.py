@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -14,6 +15,19 @@ import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, load_settings
+
+
+class _RedactSecretQuery(logging.Filter):
+    """The webhook URL carries its secret as `?code=`: keep it out of the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3:
+            args = list(record.args)
+            path = str(args[2])
+            if "code=" in path:
+                args[2] = re.sub(r"(?<=[?&]code=)[^&]*", "<redacted>", path)
+                record.args = tuple(args)
+        return True
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
     print(
