@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from ringrelay.metrics import Metrics
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
 from ringrelay.providers.sandbox import SandboxProvider
+from ringrelay.security import Guard
 from ringrelay.store import Store, open_store
 
 log = logging.getLogger("ringrelay")
@@ -64,15 +64,8 @@ class Relay:
     metrics: Metrics
     sandbox: SandboxProvider | None
     delivery_description: str
+    guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def webhook_secret_ok(self, given: str | None) -> bool:
-        secret = self.settings.webhook_secret
-        if secret is None:
-            return True
-        if given is None:
-            return False
-        return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
 
 
 def make_relay(settings: Settings) -> Relay:
@@ -82,7 +75,9 @@ def make_relay(settings: Settings) -> Relay:
     dispatcher = Dispatcher(
         store, router, metrics, ring_window_seconds=settings.ring_window_seconds
     )
-    return Relay(settings, store, router, dispatcher, metrics, sandbox, description)
+    return Relay(
+        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings)
+    )
 
 
 async def _purge_loop(relay: Relay) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import re
@@ -30,6 +31,15 @@ class _RedactSecretQuery(logging.Filter):
         return True
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -44,6 +54,19 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not settings.registrar_auth_enabled and not _is_loopback(args.host):
+        if not args.insecure:
+            print(
+                f"ringrelay: refusing to listen on {args.host} with no registrar authentication: "
+                "anyone could register a phone for someone else's identity and receive their "
+                "calls. Configure RINGRELAY_AUTH_ISSUER (see README, Security), bind to "
+                "127.0.0.1 behind an authenticating proxy, or pass --insecure.",
+                file=sys.stderr,
+            )
+            return 2
+        logging.getLogger("ringrelay").warning(
+            "INSECURE: listening on %s with no registrar authentication (--insecure)", args.host
+        )
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
@@ -147,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without registrar authentication (warns)",
+    )
     serve.set_defaults(func=_serve)
 
     sim = sub.add_parser("simulate", help="post a realistic event to a running server")

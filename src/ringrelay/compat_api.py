@@ -76,6 +76,7 @@ async def add_device_token(request: Request) -> Response:
         return _text(400, "acsMri: missing")
     if not isinstance(infos, list) or not infos:
         return _text(400, "deviceInfos: the device tokens list is empty")
+    await relay.guard.authorize_identity(request, mri)
     now = time.time()
     regs = []
     for i, info in enumerate(infos):
@@ -128,6 +129,7 @@ async def get_device_registrations(request: Request, acsMri: str | None = None) 
     relay: Relay = request.app.state.relay
     if not acsMri:
         return _text(400, "Could not find acsMri field in the url query")
+    await relay.guard.authorize_identity(request, acsMri)
     regs = await relay.store.list_registrations(acsMri, time.time())
     if not regs:
         return _text(404, "No user registration info found")
@@ -158,6 +160,7 @@ async def delete_device_registration(
     relay: Relay = request.app.state.relay
     if not acsMri or not deviceUUID:
         return _text(400, "Could not find deviceUUID or mri field in the url query")
+    await relay.guard.authorize_identity(request, acsMri)
     if not await relay.store.delete_registration(acsMri, deviceUUID):
         return _text(404, "Could not find the deviceUUID for the mri")
     relay.metrics.registrations.labels("delete").inc()

@@ -133,6 +133,52 @@ class Settings(BaseSettings):
     nh_sas_ttl_seconds: int = Field(default=3600, ge=300, le=86400)
     nh_max_connections: int = Field(default=100, ge=1, le=10_000)
 
+    # Registrar authentication: bearer JWTs from the app's identity provider.
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_jwks_url: str | None = None
+    auth_public_key_file: Path | None = None
+    auth_identity_claim: str = "sub"  # the claim carrying the caller's ACS rawId
+    auth_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    auth_jwks_ca_file: Path | None = None  # tests only: trust this CA for the JWKS URL
+
+    # Webhook authentication: a second secret accepted while rotating, and Entra ID tokens.
+    webhook_secret_next: SecretStr | None = None
+    eventgrid_tenant_id: str | None = None
+    eventgrid_audience: str | None = None
+    eventgrid_jwks_url: str | None = None  # default: the tenant's Entra JWKS
+
+    @property
+    def registrar_auth_enabled(self) -> bool:
+        return self.auth_issuer is not None
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        from ringrelay.auth import check_algorithms
+
+        if self.auth_issuer is not None:
+            if not self.auth_audience:
+                raise ValueError("RINGRELAY_AUTH_AUDIENCE: required with RINGRELAY_AUTH_ISSUER")
+            if bool(self.auth_jwks_url) == bool(self.auth_public_key_file):
+                raise ValueError(
+                    "RINGRELAY_AUTH_JWKS_URL or RINGRELAY_AUTH_PUBLIC_KEY_FILE: give exactly one"
+                )
+            if self.auth_public_key_file and not self.auth_public_key_file.is_file():
+                raise ValueError(
+                    f"RINGRELAY_AUTH_PUBLIC_KEY_FILE: no such file {self.auth_public_key_file}"
+                )
+            try:
+                check_algorithms(self.auth_algorithms)
+            except ValueError as exc:
+                raise ValueError(f"RINGRELAY_AUTH_ALGORITHMS: {exc}") from None
+        elif self.auth_audience or self.auth_jwks_url or self.auth_public_key_file:
+            raise ValueError("RINGRELAY_AUTH_ISSUER: required when other AUTH settings are set")
+        if bool(self.eventgrid_tenant_id) != bool(self.eventgrid_audience):
+            raise ValueError(
+                "RINGRELAY_EVENTGRID_TENANT_ID and RINGRELAY_EVENTGRID_AUDIENCE: give both"
+            )
+        return self
+
     @field_validator("nh_connection_string")
     @classmethod
     def _check_connection_string(cls, value: SecretStr | None) -> SecretStr | None:

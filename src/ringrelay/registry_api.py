@@ -123,6 +123,7 @@ async def put_device(
 ) -> DeviceOut:
     relay: Relay = request.app.state.relay
     _check_path(identity, device_id)
+    await relay.guard.authorize_identity(request, identity)
     if relay.router.for_platform(body.platform) is None:
         raise field_error(
             "platform", "body", f"no delivery transport is configured for {body.platform.value}"
@@ -163,6 +164,7 @@ async def put_device(
 async def list_devices(identity: str, request: Request) -> DeviceListOut:
     relay: Relay = request.app.state.relay
     _check_path(identity)
+    await relay.guard.authorize_identity(request, identity)
     regs = await relay.store.list_registrations(identity, time.time())
     return DeviceListOut(identity=identity, devices=[device_out(r) for r in regs])
 
@@ -177,6 +179,7 @@ async def list_devices(identity: str, request: Request) -> DeviceListOut:
 async def delete_device(identity: str, device_id: str, request: Request) -> Response:
     relay: Relay = request.app.state.relay
     _check_path(identity, device_id)
+    await relay.guard.authorize_identity(request, identity)
     if not await relay.store.delete_registration(identity, device_id):
         raise HTTPException(status_code=404, detail="no such device for this identity")
     relay.metrics.registrations.labels("delete").inc()
@@ -191,6 +194,7 @@ async def delete_device(identity: str, device_id: str, request: Request) -> Resp
 async def delete_all_devices(identity: str, request: Request) -> dict[str, Any]:
     relay: Relay = request.app.state.relay
     _check_path(identity)
+    await relay.guard.authorize_identity(request, identity)
     deleted = await relay.store.delete_identity(identity)
     relay.metrics.registrations.labels("delete").inc(deleted)
     return {"identity": identity, "deleted": deleted}
@@ -204,7 +208,10 @@ async def delete_all_devices(identity: str, request: Request) -> dict[str, Any]:
 )
 async def call_deliveries(call_id: str, request: Request) -> dict[str, Any]:
     relay: Relay = request.app.state.relay
+    principal = await relay.guard.principal(request)
     events = await relay.store.events_for_call(call_id)
+    if principal.identity is not None:  # a user sees only the calls made to them
+        events = [ev for ev in events if ev.recipient == principal.identity]
     if not events:
         raise HTTPException(status_code=404, detail="no event recorded for this callId")
     return {
@@ -239,11 +246,14 @@ async def sandbox_pushes(
     ] = False,
 ) -> dict[str, Any]:
     relay: Relay = request.app.state.relay
+    principal = await relay.guard.principal(request)
     if relay.sandbox is None:
         raise HTTPException(status_code=404, detail="delivery is not in sandbox mode")
     out = []
     for push in relay.sandbox.pushes:
         if call_id is not None and push["call_id"] != call_id:
+            continue
+        if principal.identity is not None and push["identity"] != principal.identity:
             continue
         out.append(push if reveal else _mask_cp(push))
         if len(out) >= limit:

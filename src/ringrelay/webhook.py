@@ -50,10 +50,17 @@ def _problem(status: int, reason: str) -> Response:
 
 async def events_endpoint(request: Request) -> Response:
     relay: Relay = request.app.state.relay
-    if not relay.webhook_secret_ok(request.query_params.get("code")):
+    guard = relay.guard
+    if not guard.webhook_secret_ok(request.query_params.get("code")):
         relay.metrics.deliveries.labels("401").inc()
         log.warning("webhook delivery refused: missing or wrong 'code' secret")
         return _problem(401, "missing or wrong 'code' query parameter")
+    if guard.eventgrid is not None:
+        problem = await guard.webhook_token_error(request.headers.get("authorization"))
+        if problem is not None:
+            relay.metrics.deliveries.labels("401").inc()
+            log.warning("webhook delivery refused: %s", problem)
+            return _problem(401, "unauthenticated")
 
     if request.method == "OPTIONS":
         # CloudEvents 1.0 abuse protection (cloudevents/spec http-webhook.md §4): allow the
