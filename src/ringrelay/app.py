@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ringrelay import __version__
 from ringrelay.config import Settings
@@ -112,6 +113,58 @@ def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOC_PAGES = ("/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+class ResponseGuard:
+    """Security headers on every response, and an unhandled error becomes a logged, plain 500
+    (no stack trace to the client). Pure ASGI: no per-request task or body copy. The
+    interactive docs pages load scripts, so they do without the CSP."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = _SECURITY_HEADERS if scope["path"] in _DOC_PAGES else [*_SECURITY_HEADERS, _CSP]
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # too late for a clean answer; the server closes the connection
+            body = b'{"error":"internal error"}'
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     from ringrelay import compat_api, registry_api, webhook
 
@@ -145,15 +198,11 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.relay = relay
+    app.add_middleware(ResponseGuard)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(list(exc.errors()))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error"}, status_code=500)
 
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
