@@ -253,3 +253,97 @@ def test_serve_insecure_starts_and_warns(tmp_path) -> None:
     proc.terminate()
     proc.wait(timeout=10)
     assert "INSECURE: listening on 0.0.0.0" in seen
+
+
+# --- API keys for trusted backends -------------------------------------------------------------
+
+
+def keys_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RINGRELAY, "keys", *args],
+        env=clean_env() | {"RINGRELAY_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_api_keys_created_scoped_and_revoked(http, make_server, tmp_path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'keys.db'}"
+    server = make_server(database_url=db_url)
+    # Before any key exists (and with no JWT issuer) the registry is open on loopback.
+    assert await put(http, server, ALICE, "phone", {}) == 201
+
+    out = keys_cli(db_url, "create", "--name", "signup-service", "--scope", "register")
+    assert out.returncode == 0, out.stderr
+    full_key = out.stdout.strip().splitlines()[-1]
+    assert full_key.startswith("rr_")
+    reader = keys_cli(db_url, "create", "--name", "dashboard", "--scope", "read").stdout
+    read_key = reader.strip().splitlines()[-1]
+
+    listing = keys_cli(db_url, "list").stdout
+    assert "signup-service" in listing and "dashboard" in listing
+    assert full_key.split("_", 2)[2] not in listing  # the secret is never shown again
+
+    # Keys now exist: anonymous calls are refused (noticed within the 5 s cache).
+    deadline = time.monotonic() + 7
+    while await put(http, server, ALICE, "phone", {}) != 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    key_hdr = {"X-API-Key": full_key}
+    assert await put(http, server, BOB, "phone", key_hdr, "cd" * 32) == 201  # any identity
+    assert (
+        await put(http, server, BOB, "tab", {"Authorization": f"Bearer {full_key}"}, "ef" * 32)
+        == 201
+    )
+    async with http.get(f"{server.url}/v1/identities/{BOB}/devices", headers=key_hdr) as resp:
+        assert resp.status == 403  # no read scope
+    async with http.get(
+        f"{server.url}/v1/identities/{BOB}/devices", headers={"X-API-Key": read_key}
+    ) as resp:
+        assert resp.status == 200 and len((await resp.json())["devices"]) == 2
+    assert await put(http, server, BOB, "x", {"X-API-Key": read_key}) == 403
+    assert await put(http, server, BOB, "x", {"X-API-Key": full_key + "x"}) == 401
+    assert await put(http, server, BOB, "x", {"X-API-Key": "rr_nope_nope"}) == 401
+
+    key_id = full_key.split("_")[1]
+    assert keys_cli(db_url, "revoke", key_id).returncode == 0
+    assert await put(http, server, BOB, "phone", key_hdr, "cd" * 32) == 401
+    assert keys_cli(db_url, "revoke", key_id).returncode == 1
+    assert "revoked" in keys_cli(db_url, "list").stdout
+
+
+def test_keys_cli_refuses_unknown_scopes(tmp_path) -> None:
+    out = keys_cli(f"sqlite:///{tmp_path / 'k.db'}", "create", "--name", "x", "--scope", "root")
+    assert out.returncode == 2
+
+
+async def test_request_size_limit_on_the_registry(http, sandbox_server) -> None:
+    url = f"{sandbox_server.url}/v1/identities/{ALICE}/devices/phone"
+    body = b'{"platform": "apns", "token": "' + b"ab" * 40_000 + b'"}'
+    async with http.put(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+
+    async def chunks():  # no Content-Length
+        yield b'{"platform": "apns", "token": "'
+        for _ in range(10):
+            yield b"ab" * 8192
+        yield b'"}'
+
+    async with http.put(url, data=chunks(), headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+    async with http.post(f"{sandbox_server.url}/api/add_device_token", data=body) as resp:
+        assert resp.status == 413
+
+
+async def test_rate_limits_answer_429_with_retry_after(http, make_server) -> None:
+    server = make_server(rate_limit_per_identity=5, rate_limit_per_client=1000)
+    statuses = [await put(http, server, ALICE, f"d{i}", {}, f"{i:02x}" * 32) for i in range(7)]
+    assert statuses[:5] == [201] * 5 and statuses[5:] == [429, 429]
+    async with http.get(f"{server.url}/v1/identities/{ALICE}/devices") as resp:
+        assert resp.status == 429
+        assert int(resp.headers["Retry-After"]) >= 1
+    assert await put(http, server, BOB, "d", {}) == 201  # another identity is unaffected
+    client_limited = make_server(rate_limit_per_identity=0, rate_limit_per_client=3)
+    statuses = [await put(http, client_limited, acs_id(f"u{i}"), "d", {}) for i in range(4)]
+    assert statuses == [201, 201, 201, 429]

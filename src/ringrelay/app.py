@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -77,7 +77,7 @@ def make_relay(settings: Settings) -> Relay:
         store, router, metrics, ring_window_seconds=settings.ring_window_seconds
     )
     return Relay(
-        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings)
+        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)
     )
 
 
@@ -128,8 +128,9 @@ class ResponseGuard:
     (no stack trace to the client). Pure ASGI: no per-request task or body copy. The
     interactive docs pages load scripts, so they do without the CSP."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_request_bytes: int = 64 * 1024) -> None:
         self.app = app
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,24 +146,47 @@ class ResponseGuard:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        if scope["path"] != "/api/events":  # the webhook enforces its own, larger limit
+            if self._declared_too_large(scope):
+                await self._answer(send_with_headers, 413, b'{"error":"request body too large"}')
+                return
+            receive = self._limited(receive)
+
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise  # too late for a clean answer; the server closes the connection
-            body = b'{"error":"internal error"}'
-            await send_with_headers(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await self._answer(send_with_headers, 500, b'{"error":"internal error"}')
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: bytes) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _declared_too_large(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                return bool(value.isdigit() and int(value) > self.max_request_bytes)
+        return False
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts a streamed body; past the limit the route sees a 413 HTTPException."""
+        limit = self.max_request_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(status_code=413, detail="request body too large")
+            return message
+
+        return limited_receive
 
 
 def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
@@ -198,7 +222,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.relay = relay
-    app.add_middleware(ResponseGuard)
+    app.add_middleware(ResponseGuard, max_request_bytes=settings.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

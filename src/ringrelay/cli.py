@@ -10,12 +10,13 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import orjson
 
 from ringrelay import __version__
-from ringrelay.config import ConfigError, load_settings
+from ringrelay.config import ConfigError, Settings, load_settings
 
 
 class _RedactSecretQuery(logging.Filter):
@@ -29,6 +30,63 @@ class _RedactSecretQuery(logging.Filter):
                 args[2] = re.sub(r"(?<=[?&]code=)[^&]*", "<redacted>", path)
                 record.args = tuple(args)
         return True
+
+
+async def _active_api_keys(settings: Settings) -> int:
+    from ringrelay.store import open_store
+
+    store = open_store(settings.database_url)
+    await store.open()
+    try:
+        return await store.active_api_keys()
+    finally:
+        await store.close()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from ringrelay.apikeys import new_api_key
+    from ringrelay.store import open_store
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        store = open_store(settings.database_url)
+        await store.open()
+        try:
+            if args.action == "create":
+                try:
+                    full, record = new_api_key(args.name, args.scope or ["register"])
+                except ValueError as exc:
+                    print(f"ringrelay keys: {exc}", file=sys.stderr)
+                    return 2
+                await store.create_api_key(record)
+                print(
+                    f"created API key {record.key_id} ({record.name}), scopes: "
+                    f"{' '.join(record.scopes)}"
+                )
+                print("the key is shown only now; store it in your backend's secret store:")
+                print(full)
+            elif args.action == "list":
+                for key in await store.list_api_keys():
+                    when = datetime.fromtimestamp(key.created_at, UTC).isoformat(timespec="seconds")
+                    state = "revoked" if key.revoked_at else "active"
+                    print(f"{key.key_id}  {state:7}  {' '.join(key.scopes):20}  {when}  {key.name}")
+            else:
+                if not await store.revoke_api_key(args.key_id, time.time()):
+                    print(f"ringrelay keys: no active key {args.key_id}", file=sys.stderr)
+                    return 1
+                print(f"revoked API key {args.key_id}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,7 +112,11 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not settings.registrar_auth_enabled and not _is_loopback(args.host):
+    if (
+        not _is_loopback(args.host)
+        and not settings.registrar_auth_enabled
+        and not asyncio.run(_active_api_keys(settings))
+    ):
         if not args.insecure:
             print(
                 f"ringrelay: refusing to listen on {args.host} with no registrar authentication: "
@@ -191,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server", default="http://127.0.0.1:8080")
     call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
     call.set_defaults(func=_simulate)
+
+    keys = sub.add_parser("keys", help="API keys for trusted backends")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create", help="create a key (shown once)")
+    create.add_argument("--name", required=True, help="who uses it, e.g. 'signup-service'")
+    create.add_argument(
+        "--scope",
+        action="append",
+        choices=["register", "read", "admin"],
+        help="repeatable; default: register",
+    )
+    keys_sub.add_parser("list", help="list keys (never the secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    for p in (keys,):
+        p.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    keys.set_defaults(func=_keys)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     eventgrid_audience: str | None = None
     eventgrid_jwks_url: str | None = None  # default: the tenant's Entra JWKS
 
+    # Registrar abuse limits (per instance); 0 disables a limit.
+    rate_limit_per_identity: int = Field(default=60, ge=0)  # requests per minute
+    rate_limit_per_client: int = Field(default=600, ge=0)  # requests per minute per address
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the webhook
+
     @property
     def registrar_auth_enabled(self) -> bool:
         return self.auth_issuer is not None

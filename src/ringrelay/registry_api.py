@@ -208,7 +208,7 @@ async def delete_all_devices(identity: str, request: Request) -> dict[str, Any]:
 )
 async def call_deliveries(call_id: str, request: Request) -> dict[str, Any]:
     relay: Relay = request.app.state.relay
-    principal = await relay.guard.principal(request)
+    principal = await relay.guard.authorize(request, "read")
     events = await relay.store.events_for_call(call_id)
     if principal.identity is not None:  # a user sees only the calls made to them
         events = [ev for ev in events if ev.recipient == principal.identity]
@@ -246,7 +246,7 @@ async def sandbox_pushes(
     ] = False,
 ) -> dict[str, Any]:
     relay: Relay = request.app.state.relay
-    principal = await relay.guard.principal(request)
+    principal = await relay.guard.authorize(request, "read")
     if relay.sandbox is None:
         raise HTTPException(status_code=404, detail="delivery is not in sandbox mode")
     out = []

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
 
+from ringrelay.apikeys import PREFIX, secret_matches, split_key
 from ringrelay.auth import (
     AuthError,
     JwksKeys,
@@ -21,16 +23,26 @@ from ringrelay.auth import (
     entra_issuers,
 )
 from ringrelay.config import Settings
+from ringrelay.ratelimit import RateLimiter, retry_after_header
+from ringrelay.store import Store
 
 log = logging.getLogger("ringrelay.security")
 
 
+ALL_SCOPES = frozenset({"register", "read", "admin"})
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The authenticated caller of the registry API; `identity` None means unrestricted."""
+    """The authenticated caller of the registry API.
+
+    A user (JWT) acts on its own `identity` only; a backend (API key) on any identity, within
+    its scopes; with no authentication configured, everyone is unrestricted.
+    """
 
     identity: str | None
     subject: str
+    scopes: frozenset[str] = ALL_SCOPES
 
 
 OPEN = Principal(identity=None, subject="anonymous (no registrar auth configured)")
@@ -73,8 +85,13 @@ def eventgrid_verifier(settings: Settings) -> TokenVerifier | None:
 
 
 class Guard:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
+        self.store = store
+        self._keys_checked_at = -1e9
+        self._keys_active = False
+        self.per_identity = RateLimiter(settings.rate_limit_per_identity)
+        self.per_client = RateLimiter(settings.rate_limit_per_client)
         self.registrar = registrar_verifier(settings)
         self.eventgrid = eventgrid_verifier(settings)
         secrets = [settings.webhook_secret, settings.webhook_secret_next]
@@ -82,11 +99,39 @@ class Guard:
 
     # --- registrar -------------------------------------------------------------------------
 
+    async def auth_required(self) -> bool:
+        """On when a JWT issuer is configured or any API key is active (keys created by the
+        CLI in another process are noticed within a few seconds)."""
+        if self.registrar is not None:
+            return True
+        now = time.monotonic()
+        if now - self._keys_checked_at > 5.0:
+            self._keys_active = await self.store.active_api_keys() > 0
+            self._keys_checked_at = now
+        return self._keys_active
+
+    async def _api_key_principal(self, presented: str) -> Principal:
+        parts = split_key(presented)
+        record = await self.store.get_api_key(parts[0]) if parts else None
+        if parts is None or record is None or not secret_matches(record, parts[1]):
+            raise AuthError("unknown API key")
+        if record.revoked_at is not None:
+            raise AuthError("revoked API key")
+        return Principal(None, f"api key {record.key_id} ({record.name})", frozenset(record.scopes))
+
     async def principal(self, request: Request) -> Principal:
-        if self.registrar is None:
+        if not await self.auth_required():
             return OPEN
+        authorization = request.headers.get("authorization")
+        api_key = request.headers.get("x-api-key")
         try:
-            claims = await self.registrar.verify(bearer_token(request.headers.get("authorization")))
+            if api_key is None and authorization and authorization[7:].startswith(PREFIX):
+                api_key = bearer_token(authorization)
+            if api_key is not None:
+                return await self._api_key_principal(api_key)
+            if self.registrar is None:
+                raise AuthError("an API key is required")
+            claims = await self.registrar.verify(bearer_token(authorization))
         except AuthError as exc:
             log.info("registrar request refused: %s", exc)
             raise HTTPException(
@@ -100,17 +145,45 @@ class Guard:
                 status_code=403,
                 detail=f"token has no '{self.settings.auth_identity_claim}' identity claim",
             )
-        return Principal(identity=identity, subject=str(claims.get("sub", identity)))
+        return Principal(
+            identity, str(claims.get("sub", identity)), frozenset({"register", "read"})
+        )
 
-    async def authorize_identity(self, request: Request, identity: str) -> Principal:
-        """The caller may act on `identity`'s devices only if its token names that identity."""
+    async def authorize(
+        self, request: Request, scope: str, identity: str | None = None
+    ) -> Principal:
+        """The caller needs `scope` (or admin); a user may act on its own identity only.
+        Every registrar request also counts against its client's and identity's rate."""
+        client = request.client.host if request.client else "unknown"
+        self._limit(self.per_client, f"client:{client}")
+        if identity is not None:
+            self._limit(self.per_identity, f"identity:{identity}")
         principal = await self.principal(request)
-        if principal.identity is not None and principal.identity != identity:
+        if scope not in principal.scopes and "admin" not in principal.scopes:
+            log.info("%s lacks the %s scope", principal.subject, scope)
+            raise HTTPException(
+                status_code=403, detail=f"this credential lacks the {scope!r} scope"
+            )
+        if identity is not None and principal.identity not in (None, identity):
             log.info("registrar request for another identity refused")
             raise HTTPException(
                 status_code=403, detail="the token's identity may only manage its own devices"
             )
         return principal
+
+    @staticmethod
+    def _limit(limiter: RateLimiter, key: str) -> None:
+        wait = limiter.check(key)
+        if wait is not None:
+            raise HTTPException(
+                status_code=429,
+                detail="too many requests",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+
+    async def authorize_identity(self, request: Request, identity: str) -> Principal:
+        write = request.method not in ("GET", "HEAD")
+        return await self.authorize(request, "register" if write else "read", identity)
 
     # --- webhook ---------------------------------------------------------------------------
 

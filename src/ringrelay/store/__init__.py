@@ -33,6 +33,18 @@ class RemovedRegistration:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A backend's credential; only the SHA-256 of its secret part is stored."""
+
+    key_id: str
+    name: str
+    secret_hash: str
+    scopes: tuple[str, ...]
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PurgeCounts:
     registrations: int
     events: int
@@ -74,6 +86,13 @@ class Store(Protocol):
         ...
 
     async def removed_registrations(self, identity: str) -> list[RemovedRegistration]: ...
+
+    # API keys
+    async def create_api_key(self, key: ApiKey) -> None: ...
+    async def get_api_key(self, key_id: str) -> ApiKey | None: ...
+    async def list_api_keys(self) -> list[ApiKey]: ...
+    async def revoke_api_key(self, key_id: str, now: float) -> bool: ...
+    async def active_api_keys(self) -> int: ...
 
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         """Seeding for benchmarks and imports; replaces rows with the same key."""

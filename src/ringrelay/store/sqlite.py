@@ -21,7 +21,7 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
 
 SCHEMA_VERSION = 1
 
@@ -81,6 +81,15 @@ CREATE TABLE IF NOT EXISTS removed_registrations (
 );
 CREATE INDEX IF NOT EXISTS removed_registrations_identity
     ON removed_registrations (identity, removed_at);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    scopes      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+) WITHOUT ROWID;
 """
 
 _REG_COLUMNS = (
@@ -240,6 +249,59 @@ class SQLiteStore:
             RemovedRegistration(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]))
             for r in rows
         ]
+
+    # --- API keys ---------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        self.db.execute(
+            "INSERT INTO api_keys (key_id, name, secret_hash, scopes, created_at, revoked_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key.key_id,
+                key.name,
+                key.secret_hash,
+                " ".join(key.scopes),
+                key.created_at,
+                key.revoked_at,
+            ),
+        )
+
+    @staticmethod
+    def _api_key(row: tuple[Any, ...]) -> ApiKey:
+        return ApiKey(
+            str(row[0]),
+            str(row[1]),
+            str(row[2]),
+            tuple(str(row[3]).split()),
+            float(row[4]),
+            None if row[5] is None else float(row[5]),
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        row = self.db.execute(
+            "SELECT key_id, name, secret_hash, scopes, created_at, revoked_at FROM api_keys "
+            "WHERE key_id = ?",
+            (key_id,),
+        ).fetchone()
+        return None if row is None else self._api_key(row)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = self.db.execute(
+            "SELECT key_id, name, secret_hash, scopes, created_at, revoked_at FROM api_keys "
+            "ORDER BY created_at"
+        ).fetchall()
+        return [self._api_key(r) for r in rows]
+
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        cur = self.db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            (now, key_id),
+        )
+        return cur.rowcount > 0
+
+    async def active_api_keys(self) -> int:
+        row = self.db.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL").fetchone()
+        return int(row[0])
 
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         db = self.db
