@@ -30,6 +30,27 @@ def token(identity: str | None = ALICE, key: Any = KEY, alg: str = "RS256", **cl
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, alg)
 
 
+def hs256_with_public_key() -> str:
+    """The classic confusion attack: HMAC-sign with the server's public key as the secret."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    pem = KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"iss": ISS, "aud": AUD, "acs_id": ALICE, "exp": int(time.time()) + 300}
+    signing_input = (
+        f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}."
+        f"{b64(json.dumps(claims).encode())}"
+    )
+    return f"{signing_input}.{b64(hmac.new(pem, signing_input.encode(), hashlib.sha256).digest())}"
+
+
 def auth(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
@@ -117,6 +138,7 @@ async def test_a_caller_manages_only_its_own_identity(http, secured) -> None:
                 {"iss": ISS, "aud": AUD, "acs_id": ALICE, "exp": time.time() + 60}, None, "none"
             )
         ),
+        auth(hs256_with_public_key()),
     ],
     ids=[
         "none",
@@ -127,6 +149,7 @@ async def test_a_caller_manages_only_its_own_identity(http, secured) -> None:
         "audience",
         "signature",
         "alg-none",
+        "hs256-public-key",
     ],
 )
 async def test_bad_credentials_are_401_and_store_nothing(http, secured, headers) -> None:
@@ -154,7 +177,10 @@ async def test_call_records_are_visible_to_the_callee_only(http, secured) -> Non
 
 async def test_jwks_backed_registrar_auth(http, make_server, jwks) -> None:  # noqa: F811
     server = make_server(
-        auth_issuer="https://idp.example", auth_audience="ringrelay", auth_jwks_url=jwks.url
+        auth_issuer="https://idp.example",
+        auth_audience="ringrelay",
+        auth_jwks_url=jwks.url,
+        auth_jwks_min_refresh_seconds=0,
     )
     now = int(time.time())
     good = jwt.encode(
@@ -164,6 +190,14 @@ async def test_jwks_backed_registrar_auth(http, make_server, jwks) -> None:  # n
         {"kid": "rsa-1"},
     )
     assert await put(http, server, ALICE, "phone", auth(good)) == 201
+    # The identity provider rotates its key: the new kid is fetched, the old one is refused.
+    rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks.keys = {"rsa-2": rotated}
+    claims = {"iss": "https://idp.example", "aud": "ringrelay", "sub": ALICE, "exp": now + 60}
+    new_token = jwt.encode(claims, rotated, "RS256", {"kid": "rsa-2"})
+    assert await put(http, server, ALICE, "tablet", auth(new_token), "cd" * 32) == 201
+    old_token = jwt.encode(claims, jwks.rsa, "RS256", {"kid": "rsa-1"})
+    assert await put(http, server, ALICE, "phone", auth(old_token)) in (401,)
     unknown = jwt.encode(
         {"iss": "https://idp.example", "aud": "ringrelay", "sub": ALICE, "exp": now + 60},
         jwks.rsa,
@@ -347,3 +381,29 @@ async def test_rate_limits_answer_429_with_retry_after(http, make_server) -> Non
     client_limited = make_server(rate_limit_per_identity=0, rate_limit_per_client=3)
     statuses = [await put(http, client_limited, acs_id(f"u{i}"), "d", {}) for i in range(4)]
     assert statuses == [201, 201, 201, 429]
+
+
+async def test_sample_listing_shows_full_tokens_to_the_owner_only(http, make_server, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'owner.db'}"
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    server = make_server(
+        database_url=db_url,
+        auth_issuer=ISS,
+        auth_audience=AUD,
+        auth_public_key_file=pem,
+        auth_identity_claim="acs_id",
+    )
+    assert await put(http, server, ALICE, "phone", auth(token(ALICE)), "ab" * 32) == 201
+    reader = keys_cli(db_url, "create", "--name", "ops", "--scope", "read").stdout
+    read_key = reader.strip().splitlines()[-1]
+    url = f"{server.url}/api/get_device_registrations"
+    async with http.get(url, params={"acsMri": ALICE}, headers=auth(token(ALICE))) as resp:
+        assert (await resp.json(content_type=None))["deviceInfos"][0]["deviceToken"] == "ab" * 32
+    async with http.get(url, params={"acsMri": ALICE}, headers={"X-API-Key": read_key}) as resp:
+        shown = (await resp.json(content_type=None))["deviceInfos"][0]["deviceToken"]
+    assert shown.startswith("sha256:")

@@ -12,7 +12,9 @@ from fastapi import APIRouter, Request, Response
 
 from ringrelay.app import Relay
 from ringrelay.models import Platform, PushKind
+from ringrelay.redact import fingerprint
 from ringrelay.registry import RegistrationError, build_registration
+from ringrelay.security import OPEN
 
 router = APIRouter(prefix="/api", tags=["sample-compatible registry"])
 
@@ -129,7 +131,9 @@ async def get_device_registrations(request: Request, acsMri: str | None = None) 
     relay: Relay = request.app.state.relay
     if not acsMri:
         return _text(400, "Could not find acsMri field in the url query")
-    await relay.guard.authorize_identity(request, acsMri)
+    principal = await relay.guard.authorize_identity(request, acsMri)
+    # The full token goes only to its owner (or anyone, when no authentication is configured).
+    full_tokens = principal is OPEN or principal.identity == acsMri
     regs = await relay.store.list_registrations(acsMri, time.time())
     if not regs:
         return _text(404, "No user registration info found")
@@ -138,7 +142,7 @@ async def get_device_registrations(request: Request, acsMri: str | None = None) 
         "deviceInfos": [
             {
                 "deviceUUID": r.device_id,
-                "deviceToken": r.token,
+                "deviceToken": r.token if full_tokens else fingerprint(r.token),
                 "platform": SAMPLE_NAMES[r.platform],
             }
             for r in regs

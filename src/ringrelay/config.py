@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     auth_identity_claim: str = "sub"  # the claim carrying the caller's ACS rawId
     auth_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
     auth_jwks_ca_file: Path | None = None  # tests only: trust this CA for the JWKS URL
+    # An unknown `kid` refetches the JWKS (key rotation), at most this often: a flood of forged
+    # kids must not turn into a flood of requests to the identity provider.
+    auth_jwks_min_refresh_seconds: float = Field(default=10.0, ge=0)
 
     # Webhook authentication: a second secret accepted while rotating, and Entra ID tokens.
     webhook_secret_next: SecretStr | None = None

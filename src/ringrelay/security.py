@@ -58,7 +58,11 @@ def registrar_verifier(settings: Settings) -> TokenVerifier | None:
     assert settings.auth_issuer is not None and settings.auth_audience is not None
     keys: JwksKeys | PemKey
     if settings.auth_jwks_url:
-        keys = JwksKeys(settings.auth_jwks_url, ssl=_ssl_for(settings.auth_jwks_ca_file))
+        keys = JwksKeys(
+            settings.auth_jwks_url,
+            ssl=_ssl_for(settings.auth_jwks_ca_file),
+            min_refresh_interval=settings.auth_jwks_min_refresh_seconds,
+        )
     else:
         assert settings.auth_public_key_file is not None
         keys = PemKey(settings.auth_public_key_file)
@@ -77,7 +81,11 @@ def eventgrid_verifier(settings: Settings) -> TokenVerifier | None:
         or f"https://login.microsoftonline.com/{tenant}/discovery/v2.0/keys"
     )
     return TokenVerifier(
-        JwksKeys(url, ssl=_ssl_for(settings.auth_jwks_ca_file)),
+        JwksKeys(
+            url,
+            ssl=_ssl_for(settings.auth_jwks_ca_file),
+            min_refresh_interval=settings.auth_jwks_min_refresh_seconds,
+        ),
         ["RS256"],
         entra_issuers(tenant),
         [settings.eventgrid_audience],
