@@ -26,6 +26,19 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.upper().startswith(("RINGRELAY_", "ANH"))}
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[str], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(proc.stdout.read() if proc.stdout else "serve failed") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def served(tmp_path):
     port = free_port()
@@ -38,16 +51,7 @@ def served(tmp_path):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(proc.stdout.read() if proc.stdout else "serve failed") from None
-            time.sleep(0.1)
+    wait_healthy(url, proc)
     yield url, proc, tmp_path
     proc.terminate()
     proc.wait(timeout=10)
@@ -143,14 +147,7 @@ def test_access_log_never_shows_the_webhook_secret(tmp_path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_healthy(url, proc)
         req = urllib.request.Request(
             f"{url}/api/events?code=hunter2-secret&x=1",
             data=b"[]",

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 
 from ringrelay.app import Relay
 from ringrelay.models import Platform, PushKind
+from ringrelay.providers.notificationhubs import FORMATS as NOTIFICATION_HUBS_FORMATS
 from ringrelay.redact import fingerprint
 from ringrelay.registry import RegistrationError, build_registration
 from ringrelay.security import OPEN
@@ -28,14 +29,8 @@ SAMPLE_PLATFORMS: dict[str, Platform] = {
     "adm": Platform.ADM,
     "baidu": Platform.BAIDU,
 }
-SAMPLE_NAMES: dict[Platform, str] = {
-    Platform.APNS: "apple",
-    Platform.FCM: "fcmv1",
-    Platform.GCM: "gcm",
-    Platform.WNS: "windows",
-    Platform.ADM: "adm",
-    Platform.BAIDU: "baidu",
-}
+# The sample stores Notification Hubs format names as platforms: list them the same way.
+SAMPLE_NAMES: dict[Platform, str] = NOTIFICATION_HUBS_FORMATS
 
 
 def _text(status: int, message: str) -> Response:

@@ -7,7 +7,9 @@ Only one process should write the file; several instances need PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,19 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._db
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at its start (BEGIN IMMEDIATE) so reads inside it are
+        not invalidated by another writer."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +182,7 @@ class SQLiteStore:
     # --- registry ---------------------------------------------------------------------------
 
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             # A token belongs to one install: when a phone switches user, the old identity must
             # stop ringing it, so every other registration holding this token is dropped.
             displaced = db.execute(
@@ -197,18 +210,12 @@ class SQLiteStore:
                     reg.expires_at,
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return existing is None, displaced
 
     async def prune_registration(
         self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
     ) -> bool:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             removed = db.execute(
                 "DELETE FROM registrations WHERE identity = ? AND device_id = ? AND token = ? "
                 "AND (? IS NULL OR updated_at <= ?)",
@@ -233,10 +240,6 @@ class SQLiteStore:
                         now,
                     ),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return removed > 0
 
     async def removed_registrations(self, identity: str) -> list[RemovedRegistration]:
@@ -304,9 +307,7 @@ class SQLiteStore:
         return int(row[0])
 
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             db.executemany(
                 f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -325,10 +326,6 @@ class SQLiteStore:
                     for r in regs
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     async def list_registrations(self, identity: str, now: float) -> list[Registration]:
         rows = self.db.execute(
@@ -378,10 +375,8 @@ class SQLiteStore:
     async def claim_deliveries(
         self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
     ) -> Claim:
-        db = self.db
         claim = Claim()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             self._upsert_event(event, now)
             existing = {
                 (str(row[0]), str(row[1])): row
@@ -430,18 +425,12 @@ class SQLiteStore:
                     "updated_at = excluded.updated_at",
                     claimed,
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return claim
 
     async def settle_deliveries(
         self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
     ) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write() as db:
             self._upsert_event(event, now)
             db.executemany(
                 "UPDATE deliveries SET status = ?, reason = ?, attempts = ?, provider = ?, "
@@ -462,10 +451,6 @@ class SQLiteStore:
                     for o in outcomes
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     async def record_event(self, event: EventRecord, now: float) -> None:
         self._upsert_event(event, now)
