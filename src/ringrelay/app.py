@@ -189,6 +189,21 @@ class ResponseGuard:
         return limited_receive
 
 
+class RelayApp(FastAPI):
+    """FastAPI, with the webhook served on a short path: Event Grid's POSTs skip the routing and
+    dependency machinery (about a tenth of the hot path's CPU on the benchmark); the route stays
+    declared for the OpenAPI schema."""
+
+    webhook: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.webhook is not None and scope["type"] == "http" and scope["path"] == "/api/events":
+            scope["app"] = self
+            await self.webhook(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     from ringrelay import compat_api, registry_api, webhook
 
@@ -215,7 +230,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
                 await provider.close()
             await relay.store.close()
 
-    app = FastAPI(
+    app = RelayApp(
         title="ringrelay",
         version=__version__,
         summary="Azure Communication Services events in, VoIP pushes out.",
@@ -255,6 +270,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     webhook.install(app)
+    app.webhook = ResponseGuard(webhook.asgi_endpoint)
     app.include_router(registry_api.router)
     app.include_router(compat_api.router)
     return app

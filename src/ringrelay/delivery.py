@@ -206,13 +206,13 @@ class Dispatcher:
             )
         else:
             stop_at = min(deadline, ring_ends_at)
-            outcomes = list(
-                await asyncio.gather(
-                    *(
-                        self._push_with_retries(reg, call, event.id, ring_ends_at, stop_at, claim)
-                        for reg in claim.to_send
-                    )
-                )
+            pushes = [
+                self._push_with_retries(reg, call, event.id, ring_ends_at, stop_at, claim)
+                for reg in claim.to_send
+            ]
+            # Every device at once; a lone device needs no task of its own.
+            outcomes = (
+                [await pushes[0]] if len(pushes) == 1 else list(await asyncio.gather(*pushes))
             )
             report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
             if claim.busy:
@@ -273,8 +273,12 @@ class Dispatcher:
             result = await provider.send(
                 PushRequest(push_id, reg, call, ring_ends_at, remaining, event_id)
             )
-            self.metrics.push_seconds.labels(provider.name).observe(time.perf_counter() - started)
-            self.metrics.pushes.labels(provider.name, reg.platform.value, result.status.value).inc()
+            self.metrics.push_attempt(
+                provider.name,
+                reg.platform.value,
+                result.status.value,
+                time.perf_counter() - started,
+            )
             if result.status is not DeliveryStatus.TRANSIENT:
                 break
             delay = backoff(attempts)

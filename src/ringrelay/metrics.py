@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 
@@ -39,3 +41,17 @@ class Metrics:
             ["op"],
             registry=self.registry,
         )
+        # Label children looked up once: labels() takes a lock and builds a key on every call.
+        self._attempts: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def push_attempt(self, provider: str, platform: str, result: str, seconds: float) -> None:
+        key = (provider, platform, result)
+        children = self._attempts.get(key)
+        if children is None:
+            children = (
+                self.pushes.labels(provider, platform, result),
+                self.push_seconds.labels(provider),
+            )
+            self._attempts[key] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -14,7 +14,6 @@ import hmac
 import logging
 import ssl
 import time
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
@@ -86,7 +85,7 @@ class SasTokenCache:
 
 def _w3c_datetime(ts: float) -> str:
     # ServiceBusNotification-Apns-Expiry uses W3C DTF (send-apns-native-notification reference).
-    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
 
 
 def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str], bytes]:
@@ -133,8 +132,10 @@ def _notification_id(location: str | None) -> str | None:
     # Location: https://{ns}.servicebus.windows.net/{hub}/messages/{notificationId}?api-version=..
     if not location:
         return None
-    segments = [s for s in urlsplit(location).path.split("/") if s]
-    return segments[-1] if len(segments) >= 3 else None
+    path = location.split("?", 1)[0].rstrip("/")
+    if path.count("/") < 5:  # scheme://host/hub/messages/id has at least five
+        return None
+    return path.rsplit("/", 1)[1] or None
 
 
 class NotificationHubsProvider:

@@ -1,0 +1,26 @@
+"""The fake Notification Hubs in bench mode (no bodies kept, only (callId, receipt time)), as its
+own process so that it can be pinned to a core."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from ringrelay.fakes.notificationhubs import FakeNotificationHubs
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-dir", required=True)
+    parser.add_argument("--hub", default="bench")
+    parser.add_argument("--key", default="bench-key")
+    args = parser.parse_args()
+    fake = FakeNotificationHubs(hub=args.hub, key=args.key, record_bodies=False)
+    await fake.start("127.0.0.1", args.port, args.tls_dir)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

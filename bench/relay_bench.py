@@ -1,0 +1,399 @@
+"""Load benchmark: IncomingCall deliveries into a relay whose provider is the fake Notification
+Hubs over TLS; ringrelay against the way Microsoft's sample delivers, measured in the same run.
+
+    python bench/relay_bench.py                 # full run (~3-4 minutes)
+    python bench/relay_bench.py --quick         # smoke run
+
+Layout on this 2-core machine: the relay under test on core 0; the load generator (this
+process) and the fake hub on core 1. For each of 1 and 5 devices per callee (100,000 callees):
+a closed loop at fixed concurrency gives the peak events/s; an open loop at half that rate gives
+the latency from just before the POST to the fake hub's receipt of each push (both processes
+read CLOCK_MONOTONIC). Every event's pushes are counted at the hub: none may be missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ringrelay.fakes.tls import make_test_certificates
+from ringrelay.models import Platform, PushKind, Registration
+from ringrelay.simulate import incoming_call_event
+from ringrelay.store.sqlite import SQLiteStore
+
+HERE = Path(__file__).resolve().parent
+HUB, KEY = "bench", "bench-key"
+SERVER_CORE, LOAD_CORE = 0, 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc), to show who is the bottleneck."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(core: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {core % (os.cpu_count() or 1)})
+
+
+async def seed(path: Path, identities: int, devices: int) -> None:
+    store = SQLiteStore(str(path))
+    await store.open()
+    now = time.time()
+    batch: list[Registration] = []
+    for n in range(identities):
+        for d in range(devices):
+            apns = d % 5 < 3  # 5 devices: 3 iPhones, 2 Android phones
+            batch.append(
+                Registration(
+                    identity=f"8:acs:bench_{n}",
+                    device_id=f"dev{d}",
+                    platform=Platform.APNS if apns else Platform.FCM,
+                    token=f"{n:016x}{d:016x}" * 2 if apns else f"fcm:{n}:{d}",
+                    push_kind=PushKind.VOIP,
+                    app_id=None,
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=now + 86400,
+                )
+            )
+        if len(batch) >= 50_000:
+            await store.bulk_insert_registrations(batch)
+            batch = []
+    if batch:
+        await store.bulk_insert_registrations(batch)
+    await store.close()
+
+
+def spawn(cmd: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["taskset", "-c", str(core), *cmd],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{url} died: {proc.stdout.read() if proc.stdout else ''}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.post(f"{url}/api/events", data=b"[]") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@dataclass
+class Phase:
+    label: str
+    events: int = 0
+    seconds: float = 0.0
+    statuses: Counter[int] = field(default_factory=Counter)
+    sent_at: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def make_bodies(count: int, identities: int) -> list[tuple[str, bytes]]:
+    out = []
+    for _ in range(count):
+        call_id = str(uuid.uuid4())
+        event = incoming_call_event(
+            f"8:acs:bench_{random.randrange(identities)}", correlation_id=call_id
+        )
+        out.append((call_id, orjson.dumps([event])))
+    return out
+
+
+async def closed_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, workers: int):
+    phase = Phase("peak")
+    it = iter(bodies)
+    stop = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=workers)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            while time.monotonic() < stop:
+                item = next(it, None)
+                if item is None:
+                    raise RuntimeError("ran out of prepared events: raise the body count")
+                call_id, body = item
+                phase.sent_at[call_id] = time.monotonic()
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    await resp.read()
+                    phase.statuses[resp.status] += 1
+                phase.events += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        phase.seconds = time.monotonic() - started
+    return phase
+
+
+async def open_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, rate: float):
+    phase = Phase("latency")
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(call_id: str, body: bytes) -> None:
+            phase.sent_at[call_id] = time.monotonic()
+            try:
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    await resp.read()
+                    phase.statuses[resp.status] += 1
+            except aiohttp.ClientError:
+                phase.statuses[0] += 1
+
+        tasks = []
+        started = time.monotonic()
+        interval = 1.0 / rate
+        n = 0
+        while (now := time.monotonic()) - started < seconds:
+            due = started + n * interval
+            if now < due:
+                await asyncio.sleep(due - now)
+            call_id, body = bodies[n]
+            tasks.append(asyncio.create_task(one(call_id, body)))
+            n += 1
+        await asyncio.gather(*tasks)
+        phase.events = n
+        phase.seconds = time.monotonic() - started
+    return phase
+
+
+async def receipts(hub_url: str, ca: Path) -> list[tuple[str, float]]:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{hub_url}/_fake/pushes", ssl=ctx) as resp:
+            doc = await resp.json()
+        async with session.delete(f"{hub_url}/_fake/pushes", ssl=ctx) as resp:
+            await resp.read()
+    return [(str(c), float(t)) for c, t in doc["receipts"]]
+
+
+def latency_report(phase: Phase, got: list[tuple[str, float]], devices: int) -> dict[str, Any]:
+    per_call: dict[str, int] = defaultdict(int)
+    lat = []
+    for call_id, t in got:
+        if call_id in phase.sent_at:
+            per_call[call_id] += 1
+            lat.append((t - phase.sent_at[call_id]) * 1000)
+    missing = sum(1 for c in phase.sent_at if per_call.get(c, 0) < devices)
+    extra = sum(1 for c in per_call if per_call[c] > devices)
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 100 else [float("nan")] * 99
+    return {"p50": q[49], "p99": q[98], "pushes": len(lat), "missing": missing, "dupes": extra}
+
+
+async def measure(
+    name: str, url: str, hub_url: str, ca: Path, devices: int, a: Any, pids: dict[str, int]
+) -> dict:
+    bodies = make_bodies(int(a.seconds * 6000) + 3000, a.identities)
+    await closed_loop(url, bodies[:2000], 0.5, 8)  # warm-up: connections, caches
+    await receipts(hub_url, ca)
+    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    peak = await closed_loop(url, bodies[2000:], a.seconds, a.concurrency)
+    busy = {k: (cpu_seconds(pid) - before[k]) / peak.seconds for k, pid in pids.items()}
+    got = await receipts(hub_url, ca)
+    peak_check = latency_report(peak, got, devices)
+    half = max(1.0, peak.rate / 2)
+    lat_bodies = make_bodies(int(half * a.seconds) + 10, a.identities)
+    latency = await open_loop(url, lat_bodies, a.seconds, half)
+    got = await receipts(hub_url, ca)
+    rep = latency_report(latency, got, devices)
+    errors = sum(v for k, v in (peak.statuses + latency.statuses).items() if k != 200)
+    return {
+        "relay": name,
+        "devices": devices,
+        "events_s": peak.rate,
+        "pushes_s": peak.rate * devices,
+        "half_rate": half,
+        "p50": rep["p50"],
+        "p99": rep["p99"],
+        "errors": errors,
+        "missing": peak_check["missing"] + rep["missing"],
+        "dupes": peak_check["dupes"] + rep["dupes"],
+        "achieved_half": latency.rate,
+        "cpu": busy,
+    }
+
+
+async def run(a: Any) -> list[dict]:
+    pin(LOAD_CORE)
+    work = Path(tempfile.mkdtemp(prefix="ringrelay-bench-"))
+    certs = make_test_certificates(work / "tls")
+    hub_port = free_port()
+    hub = spawn(
+        [
+            sys.executable,
+            str(HERE / "fake_hub.py"),
+            "--port",
+            str(hub_port),
+            "--tls-dir",
+            str(work / "tls"),
+            "--hub",
+            HUB,
+            "--key",
+            KEY,
+        ],
+        LOAD_CORE,
+    )
+    procs = [hub]
+    results = []
+    try:
+        assert hub.stdout is not None
+        if hub.stdout.readline().strip() != "ready":
+            raise RuntimeError("fake hub failed to start")
+        hub_url = f"https://127.0.0.1:{hub_port}"
+        conn = (
+            f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
+            f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
+        )
+        for devices in (1, 5):
+            db = work / f"registry-{devices}.db"
+            t0 = time.monotonic()
+            await seed(db, a.identities, devices)
+            print(
+                f"seeded {a.identities:,} callees x {devices} device(s) in "
+                f"{time.monotonic() - t0:.1f}s",
+                flush=True,
+            )
+            for name in ("ringrelay", "sample-style"):
+                port = free_port()
+                if name == "ringrelay":
+                    cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)]
+                    env = {
+                        "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
+                        "RINGRELAY_NH_CONNECTION_STRING": conn,
+                        "RINGRELAY_NH_HUB_NAME": HUB,
+                        "RINGRELAY_NH_CA_FILE": str(certs.ca_file),
+                        "RINGRELAY_LOG_LEVEL": "WARNING",
+                    }
+                else:
+                    cmd = [
+                        sys.executable,
+                        str(HERE / "sample_style_relay.py"),
+                        "--port",
+                        str(port),
+                        "--db",
+                        str(db),
+                        "--connection-string",
+                        conn,
+                        "--hub",
+                        HUB,
+                        "--ca-file",
+                        str(certs.ca_file),
+                    ]
+                    env = {}
+                proc = spawn(cmd, SERVER_CORE, env)
+                procs.append(proc)
+                url = f"http://127.0.0.1:{port}"
+                await wait_ready(url, proc)
+                pids = {"relay": proc.pid, "hub": hub.pid, "load": os.getpid()}
+                result = await measure(
+                    name, f"{url}/api/events", hub_url, certs.ca_file, devices, a, pids
+                )
+                results.append(result)
+                print_row(result)
+                proc.terminate()
+                proc.wait(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"  {r['relay']:13} {r['devices']} dev  peak {r['events_s']:8.0f} events/s "
+        f"{r['pushes_s']:8.0f} pushes/s | at {r['achieved_half']:7.0f}/s: p50 {r['p50']:7.2f} ms "
+        f"p99 {r['p99']:8.2f} ms | errors {r['errors']} missing {r['missing']} "
+        f"duplicates {r['dupes']} | CPU at peak: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in r["cpu"].items()),
+        flush=True,
+    )
+
+
+def report(results: list[dict], a: Any) -> int:
+    by = {(r["relay"], r["devices"]): r for r in results}
+    one, five = by[("ringrelay", 1)], by[("ringrelay", 5)]
+    ratio1 = one["events_s"] / by[("sample-style", 1)]["events_s"]
+    ratio5 = five["events_s"] / by[("sample-style", 5)]["events_s"]
+    print()
+    print(
+        f"conditions: {os.cpu_count()} cores, relay pinned to core {SERVER_CORE}, load generator "
+        f"+ fake hub (HTTPS, SAS verified) on core {LOAD_CORE}; Python "
+        f"{platform.python_version()}; {a.identities:,} callees; {a.seconds:.0f}s per phase; "
+        f"closed loop {a.concurrency} connections, open loop at half the peak"
+    )
+    print(f"ringrelay / sample-style, events/s: 1 device {ratio1:.1f}x, 5 devices {ratio5:.1f}x")
+    targets = [
+        ("1 device: >= 2,000 events/s", one["events_s"] >= 2000),
+        ("1 device: p99 < 25 ms at half the peak", one["p99"] < 25),
+        ("5 devices: >= 10x the sample's way", ratio5 >= 10),
+        (
+            "no push missing or duplicated",
+            all(r["missing"] == 0 and r["dupes"] == 0 for r in results),
+        ),
+    ]
+    for label, ok in targets:
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+    return 0 if all(ok for _, ok in targets) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--identities", type=int, default=100_000)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="10,000 callees, 4 s phases")
+    a = parser.parse_args()
+    if a.quick:
+        a.identities, a.seconds = 10_000, 4.0
+    results = asyncio.run(run(a))
+    return report(results, a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
