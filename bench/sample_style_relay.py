@@ -20,7 +20,22 @@ from ringrelay.payloads import apns_voip_body, call_push_from_incoming_call, fcm
 from ringrelay.providers.notificationhubs import make_sas_token
 
 
-def build_app(db_path: str, conn_str: str, hub: str, ca_file: str) -> web.Application:
+def new_ssl_context(ca_file: str, trust: str) -> ssl.SSLContext:
+    """What a fresh client's TLS set-up costs.
+
+    `system`: a new Python client to a public-CA endpoint (the real hub) loads the system trust
+    store; the test CA is added so that the fake hub verifies. `ca-only`: only the one test
+    certificate is loaded, so a push costs little more than a new TCP+TLS connection (closer to
+    .NET, whose new HttpClient opens a connection but does not reload the OS trust store).
+    """
+    if trust == "system":
+        ctx = ssl.create_default_context()
+        ctx.load_verify_locations(ca_file)
+        return ctx
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def build_app(db_path: str, conn_str: str, hub: str, ca_file: str, trust: str) -> web.Application:
     conn = parse_connection_string(conn_str)
     resource = f"{conn.endpoint}{hub}"
     url = f"{resource}/messages/?direct&api-version=2015-01"
@@ -45,7 +60,7 @@ def build_app(db_path: str, conn_str: str, hub: str, ca_file: str) -> web.Applic
                 }
                 if fmt == "apple":
                     headers["ServiceBusNotification-Apns-Push-Type"] = "voip"
-                ctx = ssl.create_default_context(cafile=ca_file)
+                ctx = new_ssl_context(ca_file, trust)
                 async with (
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
                     session.post(url, data=orjson.dumps(body), headers=headers) as resp,
@@ -65,9 +80,10 @@ if __name__ == "__main__":
     parser.add_argument("--connection-string", required=True)
     parser.add_argument("--hub", required=True)
     parser.add_argument("--ca-file", required=True)
+    parser.add_argument("--trust", choices=["system", "ca-only"], default="system")
     a = parser.parse_args()
     web.run_app(
-        build_app(a.db, a.connection_string, a.hub, a.ca_file),
+        build_app(a.db, a.connection_string, a.hub, a.ca_file, a.trust),
         host="127.0.0.1",
         port=a.port,
         access_log=None,

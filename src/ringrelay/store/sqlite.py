@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,32 @@ def _outcome(row: tuple[Any, ...]) -> DeliveryOutcome:
     )
 
 
+class _Checkpointer(threading.Thread):
+    """Checkpoints the WAL from its own connection, off the event loop (PASSIVE: never waits
+    for writers, so it cannot block the service)."""
+
+    def __init__(self, path: str, interval: float = 1.0) -> None:
+        super().__init__(name="ringrelay-sqlite-checkpoint", daemon=True)
+        self.path = path
+        self.interval = interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stopped.wait(self.interval):
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            db.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=10)
+
+
 class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -146,6 +174,7 @@ class SQLiteStore:
         self._claims: dict[tuple[str, str, str], float] = {}
         self._pending: list[tuple[Callable[[sqlite3.Connection], None], asyncio.Future[None]]] = []
         self._flush_scheduled = False
+        self._checkpointer: _Checkpointer | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -168,8 +197,8 @@ class SQLiteStore:
 
     async def _group_write(self, job: Callable[[sqlite3.Connection], None]) -> None:
         """Run `job` in a transaction shared with the other jobs submitted in the same turn of
-        the event loop: one COMMIT for many concurrent deliveries. Each job has its own
-        savepoint, so one failing job does not undo its neighbours."""
+        the event loop: one COMMIT for many concurrent deliveries. A failing job does not undo
+        its neighbours (the batch is then replayed one job per transaction)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((job, future))
         if not self._flush_scheduled:
@@ -182,22 +211,22 @@ class SQLiteStore:
     def _flush(self) -> None:
         self._flush_scheduled = False
         jobs, self._pending = self._pending, []
-        done: list[tuple[asyncio.Future[None], BaseException | None]] = []
         try:
             with self._write() as db:
+                for job, _ in jobs:
+                    job(db)
+        except Exception:
+            if len(jobs) > 1:
+                # Rare: a job failed and took the batch with it; give each its own transaction
+                # so that one bad write does not lose its neighbours'.
                 for job, future in jobs:
-                    db.execute("SAVEPOINT job")
-                    try:
-                        job(db)
-                        db.execute("RELEASE job")
-                        done.append((future, None))
-                    except Exception as exc:
-                        db.execute("ROLLBACK TO job")
-                        db.execute("RELEASE job")
-                        done.append((future, exc))
-        except Exception as exc:  # the commit itself failed: nobody's write is stored
-            done = [(future, exc) for _, future in jobs]
-        for future, error in done:
+                    self._pending = [(job, future)]
+                    self._flush()
+                return
+            results: list[BaseException | None] = [sys.exc_info()[1]]
+        else:
+            results = [None] * len(jobs)
+        for (_, future), error in zip(jobs, results, strict=True):
             if future.done():
                 continue
             if error is None:
@@ -220,9 +249,19 @@ class SQLiteStore:
             )
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if self.path != ":memory:":
+            # Checkpoints copy the WAL into the database and fsync it: on a slow disk that
+            # takes long enough to stall every request if it runs inside a commit on the event
+            # loop (the default). A thread with its own connection does it instead.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = _Checkpointer(self.path)
+            self._checkpointer.start()
         self._db = db
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._db is not None:
             self._db.close()
             self._db = None
