@@ -195,6 +195,10 @@ class Guard:
 
     # --- webhook ---------------------------------------------------------------------------
 
+    @property
+    def needs_secret(self) -> bool:
+        return bool(self._secrets)
+
     def webhook_secret_ok(self, given: str | None) -> bool:
         if not self._secrets:
             return True

@@ -52,7 +52,7 @@ def _problem(status: int, reason: str) -> Response:
 async def events_endpoint(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     guard = relay.guard
-    if not guard.webhook_secret_ok(request.query_params.get("code")):
+    if guard.needs_secret and not guard.webhook_secret_ok(request.query_params.get("code")):
         relay.metrics.deliveries.labels("401").inc()
         log.warning("webhook delivery refused: missing or wrong 'code' secret")
         return _problem(401, "missing or wrong 'code' query parameter")

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
 import aiohttp
+import yarl
 
 from ringrelay.config import NotificationHubsConnection
 from ringrelay.models import DeliveryStatus, Platform
@@ -153,7 +154,8 @@ class NotificationHubsProvider:
         ca_file: str | None = None,
         max_connections: int = 100,
     ) -> None:
-        self.url = f"{messages_url}?direct&api-version={api_version}"
+        # Parsed once: aiohttp would parse a string URL on every request.
+        self.url = yarl.URL(f"{messages_url}?direct&api-version={api_version}", encoded=True)
         self.api_version = api_version
         self.description = f"Notification Hubs ({urlsplit(messages_url).netloc})"
         self.sas = SasTokenCache(conn, resource_uri, sas_ttl)
@@ -171,7 +173,10 @@ class NotificationHubsProvider:
             limit=self._max_connections, ssl=ssl_ctx, keepalive_timeout=60
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),  # the hub sets none; skip the jar's work
+            auto_decompress=False,
         )
 
     async def close(self) -> None:
