@@ -311,6 +311,22 @@ async def run(a: Any) -> list[dict]:
                         "RINGRELAY_NH_CA_FILE": str(certs.ca_file),
                         "RINGRELAY_LOG_LEVEL": "WARNING",
                     }
+                elif name == "bare-relay":
+                    if devices != 1:
+                        continue  # it forwards one push per event whatever the callee has
+                    cmd = [
+                        sys.executable,
+                        str(HERE / "bare_relay.py"),
+                        "--port",
+                        str(port),
+                        "--connection-string",
+                        conn,
+                        "--hub",
+                        HUB,
+                        "--ca-file",
+                        str(certs.ca_file),
+                    ]
+                    env = {}
                 else:
                     cmd = [
                         sys.executable,
@@ -374,6 +390,11 @@ def report(results: list[dict], a: Any) -> int:
         f"{platform.python_version()}; {a.identities:,} callees; {a.seconds:.0f}s per phase; "
         f"closed loop {a.concurrency} connections, open loop at half the peak"
     )
+    bare = by[("bare-relay", 1)]["events_s"]
+    print(
+        f"ringrelay / bare relay (parse + one forward, the ceiling), 1 device: "
+        f"{one['events_s'] / bare:.0%} of {bare:,.0f} events/s measured in this run"
+    )
     print(
         f"ringrelay / sample-style (new client per push, system trust store), events/s: "
         f"1 device {ratio1:.1f}x, 5 devices {ratio5:.1f}x"
@@ -405,14 +426,14 @@ def main() -> int:
     parser.add_argument(
         "--relays",
         nargs="+",
-        default=["ringrelay", "sample-style", "sample-ca-only"],
+        default=["bare-relay", "ringrelay", "sample-style", "sample-ca-only"],
         help="which relays to measure (the report needs all three)",
     )
     a = parser.parse_args()
     if a.quick:
         a.identities, a.seconds = 10_000, 4.0
     results = asyncio.run(run(a))
-    if len(a.relays) < 3:
+    if len(a.relays) < 4:
         return 0
     return report(results, a)
 
