@@ -197,3 +197,19 @@ async def post_events(
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw.decode()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many cases the property-based fuzzing generated (tests/test_fuzz.py)."""
+    import sys
+
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is None or not fuzz.counted:
+        return
+    counted = fuzz.counted
+    api = sum(v for k, v in counted.items() if k != "parser")
+    terminalreporter.write_line(
+        f"fuzzing: {counted['parser']} parser/payload cases, {api} API cases over "
+        f"{len(counted) - 1} operations (bounded: {fuzz.PARSER_CASES} parser cases, "
+        f"{fuzz.API_CASES_PER_OPERATION} per operation and mode)"
+    )
