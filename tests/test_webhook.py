@@ -323,3 +323,18 @@ async def test_duplicate_deliveries_push_once(http, sandbox_server) -> None:
     for p in pushes:
         per_event[p["event_id"]] = per_event.get(p["event_id"], 0) + 1
     assert per_event == {event["id"]: 3, concurrent_event["id"]: 3}
+
+
+async def test_redelivery_after_the_ring_keeps_the_earlier_outcome(http, make_server) -> None:
+    server = make_server(ring_window_seconds=5)
+    callee = acs_id("grace")
+    await register(http, server, callee, "phone")
+    event = incoming_call_event(callee, event_time=datetime.now(UTC) - timedelta(seconds=4))
+    status, body = await post_events(http, server, [event])
+    assert body["events"][0]["status"] == "delivered"
+    await asyncio.sleep(1.2)  # the ring window has now ended; Event Grid redelivers
+    status, body = await post_events(http, server, [event])
+    assert status == 200
+    assert body["events"][0]["status"] == "delivered"
+    assert [d["status"] for d in body["events"][0]["deliveries"]] == ["accepted"]
+    assert len(await sandbox_pushes(http, server)) == 1

@@ -29,7 +29,7 @@ from ringrelay.models import (
 from ringrelay.payloads import CallPush, PayloadError, call_push_from_incoming_call
 from ringrelay.providers import PushProvider, PushRequest, PushResult
 from ringrelay.redact import fingerprint
-from ringrelay.store import Store
+from ringrelay.store import Claim, Store
 
 log = logging.getLogger("ringrelay.delivery")
 
@@ -199,11 +199,13 @@ class Dispatcher:
                 self._outcome(reg, DeliveryStatus.EXPIRED, "ring window ended", claim)
                 for reg in claim.to_send
             ]
-            report.status = EventStatus.EXPIRED
-            report.reason = (
-                f"event time is {now - ring_ends_at + self.ring_window:.0f}s old, "
-                f"past the {self.ring_window:.0f}s ring window"
-            )
+            # A redelivery of a call that was pushed in time keeps its earlier outcomes.
+            report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
+            if outcomes:
+                report.reason = (
+                    f"event time is {now - ring_ends_at + self.ring_window:.0f}s old, "
+                    f"past the {self.ring_window:.0f}s ring window"
+                )
         else:
             stop_at = min(deadline, ring_ends_at)
             pushes = [
@@ -229,12 +231,12 @@ class Dispatcher:
         reg: Registration,
         status: DeliveryStatus,
         reason: str,
-        claim_attempts: Any,
+        claim: Claim,
         attempts: int = 0,
         provider: str = "",
         provider_ref: str | None = None,
     ) -> DeliveryOutcome:
-        earlier = claim_attempts.attempts.get((reg.identity, reg.device_id), 0)
+        earlier = claim.attempts.get((reg.identity, reg.device_id), 0)
         return DeliveryOutcome(
             identity=reg.identity,
             device_id=reg.device_id,
@@ -254,7 +256,7 @@ class Dispatcher:
         event_id: str,
         ring_ends_at: float,
         stop_at: float,
-        claim: Any,
+        claim: Claim,
     ) -> DeliveryOutcome:
         provider = self.router.for_platform(reg.platform)
         if provider is None:
