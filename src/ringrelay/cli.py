@@ -89,6 +89,25 @@ def _keys(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _db(args: argparse.Namespace) -> int:
+    from ringrelay.store import open_store
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
+
+    async def upgrade() -> str:
+        store = open_store(settings.database_url)
+        await store.open()  # applies pending migrations (under a lock for PostgreSQL)
+        await store.close()
+        return store.description
+
+    print(f"schema up to date: {asyncio.run(upgrade())}")
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -270,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (keys,):
         p.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     keys.set_defaults(func=_keys)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="action", required=True)
+    db_sub.add_parser("upgrade", help="apply pending schema migrations")
+    db.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    db.set_defaults(func=_db)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)

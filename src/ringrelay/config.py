@@ -198,8 +198,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if not value.startswith("sqlite:///"):
-            raise ValueError("expected sqlite:///path (PostgreSQL support is not built yet)")
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("expected sqlite:///path or postgresql://user@host:port/database")
         return value
 
     @field_validator("nh_hub_url")

@@ -124,4 +124,8 @@ def open_store(database_url: str) -> Store:
         from ringrelay.store.sqlite import SQLiteStore
 
         return SQLiteStore(database_url.removeprefix("sqlite:///"))
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from ringrelay.store.postgres import PostgresStore
+
+        return PostgresStore(database_url)
     raise ValueError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]}")

@@ -1,0 +1,482 @@
+"""PostgreSQL store: for several instances sharing one database.
+
+Claims are made in the database, atomically: `INSERT … ON CONFLICT DO UPDATE … WHERE` takes a
+(event, device) row only if it is new, transient, or in flight under an expired lease, and
+`RETURNING` says which rows this caller got. Two instances claiming the same device at the same
+moment serialise on the row; the second sees the first's live lease and gets nothing.
+
+Migrations: a short list of versioned SQL steps below, applied at start-up (and by
+`ringrelay db upgrade`) under an advisory lock so that instances starting together do not race.
+A migration framework (Alembic) would bring SQLAlchemy for a handful of tables whose queries are
+written by hand for asyncpg; the list is the smaller thing to own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from ringrelay.models import (
+    DeliveryOutcome,
+    DeliveryStatus,
+    EventRecord,
+    EventStatus,
+    Platform,
+    PushKind,
+    Registration,
+)
+from ringrelay.redact import fingerprint
+from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+
+MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
+PURGE_LOCK = 0x70757267  # "purg": one instance purges at a time
+
+MIGRATIONS: list[str] = [
+    # 1: registry, ledger, audit, API keys
+    """
+    CREATE TABLE registrations (
+        identity    TEXT NOT NULL,
+        device_id   TEXT NOT NULL,
+        platform    TEXT NOT NULL,
+        token       TEXT NOT NULL,
+        push_kind   TEXT NOT NULL,
+        app_id      TEXT,
+        created_at  DOUBLE PRECISION NOT NULL,
+        updated_at  DOUBLE PRECISION NOT NULL,
+        expires_at  DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (identity, device_id)
+    );
+    CREATE INDEX registrations_token ON registrations (platform, token);
+    CREATE INDEX registrations_expiry ON registrations (expires_at);
+    CREATE TABLE events (
+        event_id       TEXT PRIMARY KEY,
+        event_type     TEXT NOT NULL,
+        status         TEXT NOT NULL,
+        reason         TEXT NOT NULL DEFAULT '',
+        correlation_id TEXT,
+        recipient      TEXT,
+        received_at    DOUBLE PRECISION NOT NULL,
+        updated_at     DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX events_correlation ON events (correlation_id);
+    CREATE INDEX events_updated ON events (updated_at);
+    CREATE TABLE deliveries (
+        event_id          TEXT NOT NULL,
+        identity          TEXT NOT NULL,
+        device_id         TEXT NOT NULL,
+        platform          TEXT NOT NULL,
+        token_fingerprint TEXT NOT NULL,
+        status            TEXT NOT NULL,
+        reason            TEXT NOT NULL DEFAULT '',
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        provider          TEXT NOT NULL DEFAULT '',
+        provider_ref      TEXT,
+        lease_until       DOUBLE PRECISION,
+        updated_at        DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (event_id, identity, device_id)
+    );
+    CREATE INDEX deliveries_updated ON deliveries (updated_at);
+    CREATE TABLE removed_registrations (
+        identity          TEXT NOT NULL,
+        device_id         TEXT NOT NULL,
+        platform          TEXT NOT NULL,
+        token_fingerprint TEXT NOT NULL,
+        reason            TEXT NOT NULL,
+        removed_at        DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX removed_registrations_identity ON removed_registrations (identity, removed_at);
+    CREATE TABLE api_keys (
+        key_id      TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        scopes      TEXT NOT NULL,
+        created_at  DOUBLE PRECISION NOT NULL,
+        revoked_at  DOUBLE PRECISION
+    );
+    """,
+]
+
+_REG_COLUMNS = (
+    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
+)
+_OUTCOME_COLUMNS = (
+    "identity, device_id, platform, token_fingerprint, status, reason, attempts, provider, "
+    "provider_ref"
+)
+
+
+def _registration(row: Any) -> Registration:
+    return Registration(
+        identity=row[0],
+        device_id=row[1],
+        platform=Platform(row[2]),
+        token=row[3],
+        push_kind=PushKind(row[4]),
+        app_id=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+        expires_at=row[8],
+    )
+
+
+def _outcome(row: Any) -> DeliveryOutcome:
+    return DeliveryOutcome(
+        identity=row[0],
+        device_id=row[1],
+        platform=Platform(row[2]),
+        status=DeliveryStatus(row[4]),
+        reason=row[5],
+        attempts=row[6],
+        provider=row[7],
+        provider_ref=row[8],
+        token_fingerprint=row[3],
+    )
+
+
+def _api_key(row: Any) -> ApiKey:
+    return ApiKey(row[0], row[1], row[2], tuple(row[3].split()), row[4], row[5])
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply pending migrations; returns the schema version."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        if current > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {current} is newer than this ringrelay "
+                f"({len(MIGRATIONS)}); upgrade ringrelay"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        return len(MIGRATIONS)
+
+
+class PostgresStore:
+    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 10) -> None:
+        self.dsn = dsn
+        host = dsn.split("@", 1)[-1].split("?", 1)[0]  # never the password
+        self.description = f"PostgreSQL ({host})"
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self.server_settings: dict[str, str] = {}
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            server_settings=self.server_settings or None,
+            command_timeout=10,
+        )
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # --- registry ---------------------------------------------------------------------------
+
+    async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            displaced = await conn.fetchval(
+                "WITH d AS (DELETE FROM registrations WHERE platform = $1 AND token = $2 "
+                "AND NOT (identity = $3 AND device_id = $4) RETURNING 1) SELECT count(*) FROM d",
+                reg.platform.value,
+                reg.token,
+                reg.identity,
+                reg.device_id,
+            )
+            inserted = await conn.fetchval(
+                f"INSERT INTO registrations ({_REG_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                "ON CONFLICT (identity, device_id) DO UPDATE SET platform = excluded.platform, "
+                "token = excluded.token, push_kind = excluded.push_kind, "
+                "app_id = excluded.app_id, updated_at = excluded.updated_at, "
+                "expires_at = excluded.expires_at RETURNING (xmax = 0)",
+                *self._reg_values(reg),
+            )
+        return bool(inserted), int(displaced)
+
+    @staticmethod
+    def _reg_values(reg: Registration) -> tuple[Any, ...]:
+        return (
+            reg.identity,
+            reg.device_id,
+            reg.platform.value,
+            reg.token,
+            reg.push_kind.value,
+            reg.app_id,
+            reg.created_at,
+            reg.updated_at,
+            reg.expires_at,
+        )
+
+    async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.executemany(
+                f"INSERT INTO registrations ({_REG_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                "ON CONFLICT (identity, device_id) DO UPDATE SET token = excluded.token, "
+                "platform = excluded.platform, push_kind = excluded.push_kind, "
+                "app_id = excluded.app_id, updated_at = excluded.updated_at, "
+                "expires_at = excluded.expires_at",
+                [self._reg_values(r) for r in regs],
+            )
+
+    async def list_registrations(self, identity: str, now: float) -> list[Registration]:
+        rows = await self.pool.fetch(
+            f"SELECT {_REG_COLUMNS} FROM registrations WHERE identity = $1 AND expires_at > $2 "
+            "ORDER BY device_id",
+            identity,
+            now,
+        )
+        return [_registration(r) for r in rows]
+
+    async def delete_registration(self, identity: str, device_id: str) -> bool:
+        status = await self.pool.execute(
+            "DELETE FROM registrations WHERE identity = $1 AND device_id = $2", identity, device_id
+        )
+        return bool(status != "DELETE 0")
+
+    async def delete_identity(self, identity: str) -> int:
+        status = await self.pool.execute("DELETE FROM registrations WHERE identity = $1", identity)
+        return int(status.split()[-1])
+
+    async def push_targets(self, identity: str, kind: PushKind, now: float) -> list[Registration]:
+        rows = await self.pool.fetch(
+            f"SELECT {_REG_COLUMNS} FROM registrations "
+            "WHERE identity = $1 AND push_kind = $2 AND expires_at > $3",
+            identity,
+            kind.value,
+            now,
+        )
+        return [_registration(r) for r in rows]
+
+    async def prune_registration(
+        self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
+    ) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM registrations WHERE identity = $1 AND device_id = $2 AND token = $3 "
+                "AND ($4::double precision IS NULL OR updated_at <= $4)",
+                reg.identity,
+                reg.device_id,
+                reg.token,
+                unless_updated_after,
+            )
+            removed = bool(status != "DELETE 0")
+            if removed:
+                await conn.execute(
+                    "INSERT INTO removed_registrations (identity, device_id, platform, "
+                    "token_fingerprint, reason, removed_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    reg.identity,
+                    reg.device_id,
+                    reg.platform.value,
+                    fingerprint(reg.token),
+                    reason,
+                    now,
+                )
+        return removed
+
+    async def removed_registrations(self, identity: str) -> list[RemovedRegistration]:
+        rows = await self.pool.fetch(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations WHERE identity = $1 ORDER BY removed_at DESC",
+            identity,
+        )
+        return [RemovedRegistration(*r) for r in rows]
+
+    # --- API keys ---------------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        await self.pool.execute(
+            "INSERT INTO api_keys (key_id, name, secret_hash, scopes, created_at, revoked_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            key.key_id,
+            key.name,
+            key.secret_hash,
+            " ".join(key.scopes),
+            key.created_at,
+            key.revoked_at,
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        row = await self.pool.fetchrow(
+            "SELECT key_id, name, secret_hash, scopes, created_at, revoked_at FROM api_keys "
+            "WHERE key_id = $1",
+            key_id,
+        )
+        return None if row is None else _api_key(row)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self.pool.fetch(
+            "SELECT key_id, name, secret_hash, scopes, created_at, revoked_at FROM api_keys "
+            "ORDER BY created_at"
+        )
+        return [_api_key(r) for r in rows]
+
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        status = await self.pool.execute(
+            "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
+            now,
+            key_id,
+        )
+        return bool(status != "UPDATE 0")
+
+    async def active_api_keys(self) -> int:
+        return int(
+            await self.pool.fetchval("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+        )
+
+    # --- ledger -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _upsert_event(conn: asyncpg.Connection, event: EventRecord, now: float) -> None:
+        await conn.execute(
+            "INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
+            "recipient, received_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+            "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
+            "reason = excluded.reason, updated_at = excluded.updated_at",
+            event.event_id,
+            event.event_type,
+            event.status.value,
+            event.reason,
+            event.correlation_id,
+            event.recipient,
+            event.received_at or now,
+            now,
+        )
+
+    async def claim_deliveries(
+        self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
+    ) -> Claim:
+        claim = Claim()
+        if not targets:
+            return claim
+        by_key = {(r.identity, r.device_id): r for r in targets}
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._upsert_event(conn, event, now)
+            taken = await conn.fetch(
+                "INSERT INTO deliveries (event_id, identity, device_id, platform, "
+                "token_fingerprint, status, attempts, lease_until, updated_at) "
+                "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $2, $3 "
+                "FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) "
+                "AS t(identity, device_id, platform, fp) "
+                "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
+                "status = 'in_flight', lease_until = excluded.lease_until, "
+                "updated_at = excluded.updated_at "
+                "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
+                "AND deliveries.lease_until <= $3) "
+                "RETURNING identity, device_id, attempts",
+                event.event_id,
+                lease_until,
+                now,
+                [r.identity for r in targets],
+                [r.device_id for r in targets],
+                [r.platform.value for r in targets],
+                [fingerprint(r.token) for r in targets],
+            )
+            for row in taken:
+                key = (row[0], row[1])
+                claim.to_send.append(by_key[key])
+                if row[2]:
+                    claim.attempts[key] = int(row[2])
+            got = {(r.identity, r.device_id) for r in claim.to_send}
+            if len(got) < len(targets):
+                rows = await conn.fetch(
+                    f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1",
+                    event.event_id,
+                )
+                for row in rows:
+                    key = (row[0], row[1])
+                    if key not in by_key or key in got:
+                        continue
+                    outcome = _outcome(row)
+                    (claim.settled if outcome.status.settled else claim.busy).append(outcome)
+        return claim
+
+    async def settle_deliveries(
+        self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._upsert_event(conn, event, now)
+            if outcomes:
+                await conn.execute(
+                    "UPDATE deliveries AS d SET status = o.status, reason = o.reason, "
+                    "attempts = o.attempts, provider = o.provider, provider_ref = o.ref, "
+                    "lease_until = NULL, updated_at = $2 "
+                    "FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], "
+                    "$8::text[], $9::text[]) "
+                    "AS o(identity, device_id, status, reason, attempts, provider, ref) "
+                    "WHERE d.event_id = $1 AND d.identity = o.identity "
+                    "AND d.device_id = o.device_id",
+                    event.event_id,
+                    now,
+                    [o.identity for o in outcomes],
+                    [o.device_id for o in outcomes],
+                    [o.status.value for o in outcomes],
+                    [o.reason for o in outcomes],
+                    [o.attempts for o in outcomes],
+                    [o.provider for o in outcomes],
+                    [o.provider_ref for o in outcomes],
+                )
+
+    async def record_event(self, event: EventRecord, now: float) -> None:
+        async with self.pool.acquire() as conn:
+            await self._upsert_event(conn, event, now)
+
+    async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                "received_at FROM events WHERE correlation_id = $1 ORDER BY received_at",
+                correlation_id,
+            )
+            events = [
+                EventRecord(r[0], r[1], EventStatus(r[2]), r[3], r[4], r[5], r[6]) for r in rows
+            ]
+            for ev in events:
+                ev.deliveries = [
+                    _outcome(r)
+                    for r in await conn.fetch(
+                        f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1 "
+                        "ORDER BY identity, device_id",
+                        ev.event_id,
+                    )
+                ]
+        return events
+
+    async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
+        cutoff = now - ledger_retention_seconds
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Whichever instance gets the lock purges; the others skip this round.
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PURGE_LOCK):
+                return PurgeCounts(0, 0, 0)
+            regs = await conn.execute("DELETE FROM registrations WHERE expires_at <= $1", now)
+            deliveries = await conn.execute("DELETE FROM deliveries WHERE updated_at < $1", cutoff)
+            events = await conn.execute("DELETE FROM events WHERE updated_at < $1", cutoff)
+            await conn.execute("DELETE FROM removed_registrations WHERE removed_at < $1", cutoff)
+        return PurgeCounts(
+            registrations=int(regs.split()[-1]),
+            events=int(events.split()[-1]),
+            deliveries=int(deliveries.split()[-1]),
+        )

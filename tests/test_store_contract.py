@@ -1,0 +1,237 @@
+"""One behaviour, two stores: every Store method against SQLite and PostgreSQL over a real
+connection. PostgreSQL tests skip (saying how to run them) when no server answers, except on
+CI (CI=true), where they must run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from ringrelay.models import (
+    DeliveryOutcome,
+    DeliveryStatus,
+    EventRecord,
+    EventStatus,
+    Platform,
+    PushKind,
+    Registration,
+)
+from ringrelay.store import ApiKey, Store
+from ringrelay.store.sqlite import SQLiteStore
+
+PG_URL = os.environ.get("RINGRELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+NOW = 1_800_000_000.0
+
+
+async def _postgres_store(schema: str) -> Any:
+    import asyncpg
+
+    from ringrelay.store.postgres import PostgresStore
+
+    try:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        message = (
+            f"PostgreSQL not reachable at {PG_URL} ({type(exc).__name__}); start one (trust "
+            "auth, database 'test') or point RINGRELAY_TEST_POSTGRES_URL at one to run these"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    await conn.close()
+    store = PostgresStore(PG_URL)
+    store.server_settings = {"search_path": schema}
+    return store
+
+
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_URL)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s: Store = SQLiteStore(str(tmp_path / "contract.db"))
+        await s.open()
+        yield s
+        await s.close()
+        return
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    s = await _postgres_store(schema)
+    await s.open()
+    yield s
+    await s.close()
+    await _drop_schema(schema)
+
+
+def reg(identity: str = "8:acs:r_a", device: str = "d1", token: str = "ab" * 32, **kw: Any):
+    base = {
+        "platform": Platform.APNS,
+        "push_kind": PushKind.VOIP,
+        "app_id": None,
+        "created_at": NOW,
+        "updated_at": NOW,
+        "expires_at": NOW + 3600,
+    }
+    base.update(kw)
+    return Registration(identity=identity, device_id=device, token=token, **base)
+
+
+def event(event_id: str = "ev-1", status: EventStatus = EventStatus.PENDING) -> EventRecord:
+    return EventRecord(
+        event_id, "Microsoft.Communication.IncomingCall", status, "", "call-1", "8:acs:r_a", NOW
+    )
+
+
+def outcome(r: Registration, status: DeliveryStatus, attempts: int = 1) -> DeliveryOutcome:
+    return DeliveryOutcome(
+        r.identity, r.device_id, r.platform, status, "why", attempts, "p", "ref-1", "fp"
+    )
+
+
+async def test_registry_round_trip(store: Store) -> None:
+    created, displaced = await store.upsert_registration(reg())
+    assert (created, displaced) == (True, 0)
+    created, _ = await store.upsert_registration(
+        reg(updated_at=NOW + 10, expires_at=NOW + 7200, created_at=NOW + 10)
+    )
+    assert created is False
+    (row,) = await store.list_registrations("8:acs:r_a", NOW)
+    assert row.created_at == NOW and row.expires_at == NOW + 7200  # created_at kept
+    await store.upsert_registration(reg(device="d2", token="cd" * 32, push_kind=PushKind.ALERT))
+    await store.upsert_registration(reg(device="old", token="ef" * 32, expires_at=NOW - 1))
+    assert [r.device_id for r in await store.list_registrations("8:acs:r_a", NOW)] == ["d1", "d2"]
+    targets = await store.push_targets("8:acs:r_a", PushKind.VOIP, NOW)
+    assert [r.device_id for r in targets] == ["d1"]
+    assert await store.delete_registration("8:acs:r_a", "d2") is True
+    assert await store.delete_registration("8:acs:r_a", "d2") is False
+    assert await store.delete_identity("8:acs:r_a") == 2  # d1 and the expired one
+
+
+async def test_a_token_moves_to_its_newest_registration(store: Store) -> None:
+    await store.upsert_registration(reg())
+    created, displaced = await store.upsert_registration(reg(identity="8:acs:r_b"))
+    assert created and displaced == 1
+    assert await store.list_registrations("8:acs:r_a", NOW) == []
+
+
+async def test_claims_settle_and_retries(store: Store) -> None:
+    a, b, c = (
+        reg(device="a", token="a1" * 32),
+        reg(device="b", token="b1" * 32),
+        reg(device="c", token="c1" * 32),
+    )
+    first = await store.claim_deliveries(event(), [a, b, c], NOW, lease_until=NOW + 30)
+    assert {r.device_id for r in first.to_send} == {"a", "b", "c"}
+    # A concurrent claim while the first is in flight gets nothing to send.
+    second = await store.claim_deliveries(event(), [a, b, c], NOW + 1, lease_until=NOW + 31)
+    assert second.to_send == [] and {o.device_id for o in second.busy} == {"a", "b", "c"}
+    await store.settle_deliveries(
+        event(status=EventStatus.PENDING),
+        [
+            outcome(a, DeliveryStatus.ACCEPTED),
+            outcome(b, DeliveryStatus.TRANSIENT, attempts=3),
+            outcome(c, DeliveryStatus.REJECTED),
+        ],
+        NOW + 2,
+    )
+    retry = await store.claim_deliveries(event(), [a, b, c], NOW + 20, lease_until=NOW + 50)
+    assert [r.device_id for r in retry.to_send] == ["b"]  # only the transient one
+    assert retry.attempts == {("8:acs:r_a", "b"): 3}
+    assert {o.device_id: o.status for o in retry.settled} == {
+        "a": DeliveryStatus.ACCEPTED,
+        "c": DeliveryStatus.REJECTED,
+    }
+    # A claim orphaned by a crash is taken over once its lease has passed.
+    later = await store.claim_deliveries(event(), [b], NOW + 51, lease_until=NOW + 80)
+    assert [r.device_id for r in later.to_send] == ["b"]
+    await store.settle_deliveries(
+        event(status=EventStatus.DELIVERED), [outcome(b, DeliveryStatus.ACCEPTED, 4)], NOW + 60
+    )
+    (ev,) = await store.events_for_call("call-1")
+    assert ev.status is EventStatus.DELIVERED
+    assert {d.device_id: (d.status, d.attempts) for d in ev.deliveries} == {
+        "a": (DeliveryStatus.ACCEPTED, 1),
+        "b": (DeliveryStatus.ACCEPTED, 4),
+        "c": (DeliveryStatus.REJECTED, 1),
+    }
+    assert ev.deliveries[0].provider_ref == "ref-1"
+
+
+async def test_record_event_and_purge(store: Store) -> None:
+    await store.record_event(event("ev-r", EventStatus.REJECTED), NOW)
+    await store.upsert_registration(reg(expires_at=NOW - 5))
+    await store.upsert_registration(reg(device="live", token="12" * 32))
+    assert [e.status for e in await store.events_for_call("call-1")] == [EventStatus.REJECTED]
+    counts = await store.purge(NOW + 100, ledger_retention_seconds=50)
+    assert counts.registrations == 1 and counts.events == 1
+    assert await store.events_for_call("call-1") == []
+    assert [r.device_id for r in await store.list_registrations("8:acs:r_a", NOW)] == ["live"]
+
+
+async def test_prune_with_audit_trail(store: Store) -> None:
+    r = reg()
+    await store.upsert_registration(r)
+    # Re-registered after the provider's "dead since" time: kept.
+    assert await store.prune_registration(r, "Unregistered", NOW + 5, NOW - 10) is False
+    assert await store.prune_registration(replace(r, token="ff" * 32), "x", NOW + 5) is False
+    assert await store.prune_registration(r, "BadDeviceToken", NOW + 5, NOW + 1) is True
+    (audit,) = await store.removed_registrations("8:acs:r_a")
+    assert audit.reason == "BadDeviceToken" and audit.token_fingerprint.startswith("sha256:")
+    assert await store.list_registrations("8:acs:r_a", NOW) == []
+
+
+async def test_api_keys(store: Store) -> None:
+    key = ApiKey("k1", "backend", "00" * 32, ("read", "register"), NOW)
+    await store.create_api_key(key)
+    assert await store.get_api_key("k1") == key
+    assert await store.get_api_key("nope") is None
+    assert await store.active_api_keys() == 1
+    assert await store.revoke_api_key("k1", NOW + 1) is True
+    assert await store.revoke_api_key("k1", NOW + 2) is False
+    assert await store.active_api_keys() == 0
+    assert (await store.list_api_keys())[0].revoked_at == NOW + 1
+
+
+async def test_bulk_insert(store: Store) -> None:
+    await store.bulk_insert_registrations(
+        [reg(identity=f"8:acs:r_{i}", device="d", token=f"{i:064x}") for i in range(300)]
+    )
+    assert len(await store.push_targets("8:acs:r_299", PushKind.VOIP, NOW)) == 1
+
+
+async def test_postgres_claims_are_exclusive_across_instances() -> None:
+    """Two stores (two pools, as two instances) race for the same devices 50 times: every
+    device is claimed exactly once each time."""
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    first = await _postgres_store(schema)
+    second = await _postgres_store(schema)
+    await first.open()
+    await second.open()
+    try:
+        devices = [reg(device=f"d{i}", token=f"{i:064x}") for i in range(5)]
+        for n in range(50):
+            ev = event(f"race-{n}")
+            claims = await asyncio.gather(
+                *(
+                    s.claim_deliveries(ev, devices, NOW, lease_until=NOW + 30)
+                    for s in (first, second, first, second)
+                )
+            )
+            sent = [r.device_id for c in claims for r in c.to_send]
+            assert sorted(sent) == sorted(d.device_id for d in devices), n
+    finally:
+        await first.close()
+        await second.close()
+        await _drop_schema(schema)
