@@ -106,3 +106,36 @@ async def test_same_delivery_to_two_instances_rings_once(two_instances) -> None:
             assert pushed == len(devices)
         assert sum(statuses.values()) == 2 * ROUNDS
     print(f"\n{ROUNDS} rounds, answers: {statuses}")
+
+
+async def test_killed_database_connections_are_replaced(two_instances) -> None:
+    """pg_terminate_backend on every pooled connection: the pool notices the closed sockets and
+    reconnects; a request that meets a broken connection would get 503, never a 4xx."""
+    import asyncpg
+
+    urls, _ = two_instances
+    callee = acs_id("outage")
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{urls[0]}/v1/identities/{callee}/devices/phone",
+            json={"platform": "fcm", "token": "fcm:outage"},
+        ) as resp:
+            assert resp.status == 201
+        admin = await asyncpg.connect(PG_URL)
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND application_name = ''"
+        )
+        await admin.close()
+        assert killed >= 1
+        answers = []
+        for _ in range(6):
+            event = incoming_call_event(callee)
+            async with http.post(f"{urls[0]}/api/events", json=[event]) as resp:
+                answers.append(resp.status)
+        print(f"\nanswers after the connections were killed: {answers}")
+        assert set(answers) <= {200, 503}  # never a 4xx: Event Grid must retry
+        assert answers[-1] == 200  # recovered by itself
+        async with http.get(f"{urls[0]}/readyz") as resp:
+            assert resp.status == 200
