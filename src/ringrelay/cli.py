@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import logging
@@ -11,12 +12,14 @@ import os
 import re
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, Settings, load_settings
+from ringrelay.store import Store, open_store
 
 
 class _RedactSecretQuery(logging.Filter):
@@ -32,33 +35,41 @@ class _RedactSecretQuery(logging.Filter):
         return True
 
 
-async def _active_api_keys(settings: Settings) -> int:
-    from ringrelay.store import open_store
-
-    store = open_store(settings.database_url)
-    await store.open()
+def _settings(args: argparse.Namespace) -> Settings | None:
+    """The settings, or None after saying on stderr which one is wrong."""
     try:
-        return await store.active_api_keys()
+        return load_settings(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return None
+
+
+@contextlib.asynccontextmanager
+async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+    store = open_store(settings.database_url)
+    await store.open()  # also applies pending migrations
+    try:
+        yield store
     finally:
         await store.close()
+
+
+async def _active_api_keys(settings: Settings) -> int:
+    async with _opened_store(settings) as store:
+        return await store.active_api_keys()
 
 
 def _keys(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from ringrelay.apikeys import new_api_key
-    from ringrelay.store import open_store
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ringrelay: {exc}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
 
     async def run() -> int:
-        store = open_store(settings.database_url)
-        await store.open()
-        try:
+        async with _opened_store(settings) as store:
             if args.action == "create":
                 try:
                     full, record = new_api_key(args.name, args.scope or ["register"])
@@ -83,26 +94,19 @@ def _keys(args: argparse.Namespace) -> int:
                     return 1
                 print(f"revoked API key {args.key_id}")
             return 0
-        finally:
-            await store.close()
 
     return asyncio.run(run())
 
 
 def _db(args: argparse.Namespace) -> int:
-    from ringrelay.store import open_store
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ringrelay: {exc}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
 
     async def upgrade() -> str:
-        store = open_store(settings.database_url)
-        await store.open()  # applies pending migrations (under a lock for PostgreSQL)
-        await store.close()
-        return store.description
+        async with _opened_store(settings) as store:  # migrations run (locked on PostgreSQL)
+            return store.description
 
     print(f"schema up to date: {asyncio.run(upgrade())}")
     return 0
@@ -122,10 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ringrelay.app import create_app
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"ringrelay: {exc}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
