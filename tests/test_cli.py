@@ -160,3 +160,69 @@ def test_access_log_never_shows_the_webhook_secret(tmp_path) -> None:
         out, _ = proc.communicate(timeout=10)
     assert "/api/events?code=<redacted>&x=1" in out
     assert "hunter2-secret" not in out
+
+
+async def test_sigterm_lets_in_flight_deliveries_finish(tmp_path, fake_nh, nh_settings) -> None:
+    """Graceful shutdown: a delivery being pushed when SIGTERM arrives is finished, answered and
+    recorded; nothing is cut off half-written."""
+    import asyncio
+    import json
+    import signal
+
+    import aiohttp
+
+    from ringrelay.simulate import incoming_call_event
+
+    port = free_port()
+    env = clean_env() | {
+        "RINGRELAY_NH_CONNECTION_STRING": nh_settings["nh_connection_string"],
+        "RINGRELAY_NH_HUB_NAME": nh_settings["nh_hub_name"],
+        "RINGRELAY_NH_CA_FILE": str(nh_settings["nh_ca_file"]),
+    }
+    proc = subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc)
+    callee = acs_id("sigterm")
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"{url}/v1/identities/{callee}/devices/phone",
+            json={"platform": "fcm", "token": "fcm:sigterm"},
+        ) as resp:
+            assert resp.status == 201
+        fake_nh.respond(201, times=1, delay=1.0)
+        event = incoming_call_event(callee)
+
+        async def deliver() -> tuple[int, dict]:
+            async with http.post(f"{url}/api/events", data=json.dumps([event])) as resp:
+                return resp.status, await resp.json()
+
+        pending = asyncio.ensure_future(deliver())
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        status, body = await pending
+    assert status == 200 and body["events"][0]["status"] == "delivered"
+    # uvicorn re-raises the signal after its graceful shutdown, so the exit reads "terminated".
+    assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+
+    proc = subprocess.Popen(  # the record survived the shutdown
+        [*RINGRELAY, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_healthy(url, proc)
+        call = json.load(urllib.request.urlopen(f"{url}/v1/calls/{event['data']['correlationId']}"))
+        assert call["events"][0]["deliveries"][0]["status"] == "accepted"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
