@@ -124,7 +124,7 @@ class Dispatcher:
             report = EventReport(
                 event.id, event.type, EventStatus.IGNORED, "event type not handled"
             )
-        self.metrics.events.labels(_type_label(event.type), report.status.value).inc()
+        self.metrics.event(_type_label(event.type), report.status.value)
         return report
 
     async def _single_flight(

@@ -25,7 +25,7 @@ class IngestError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class Event:
     id: str
     type: str

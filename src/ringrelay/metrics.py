@@ -43,6 +43,7 @@ class Metrics:
         )
         # Label children looked up once: labels() takes a lock and builds a key on every call.
         self._attempts: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._events: dict[tuple[str, str], Any] = {}
 
     def push_attempt(self, provider: str, platform: str, result: str, seconds: float) -> None:
         key = (provider, platform, result)
@@ -55,3 +56,10 @@ class Metrics:
             self._attempts[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def event(self, event_type: str, status: str) -> None:
+        key = (event_type, status)
+        child = self._events.get(key)
+        if child is None:
+            child = self._events[key] = self.events.labels(event_type, status)
+        child.inc()

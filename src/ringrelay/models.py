@@ -63,7 +63,7 @@ def is_raw_id(value: str) -> bool:
     return RAW_ID_RE.match(value) is not None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class Registration:
     identity: str  # ACS rawId of the callee
     device_id: str  # chosen by the app, stable per install
@@ -76,7 +76,7 @@ class Registration:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class DeliveryOutcome:
     """One device's result for one event, as recorded in the ledger."""
 

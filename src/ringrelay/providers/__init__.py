@@ -9,7 +9,7 @@ from ringrelay.models import DeliveryStatus, Platform, Registration
 from ringrelay.payloads import CallPush
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class PushRequest:
     push_id: str  # our UUID for this attempt series; sent as apns-id where the transport allows
     registration: Registration
@@ -19,7 +19,7 @@ class PushRequest:
     event_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class PushResult:
     status: DeliveryStatus  # ACCEPTED, REJECTED, CONFIG_ERROR or TRANSIENT
     reason: str = ""
