@@ -407,3 +407,22 @@ async def test_sample_listing_shows_full_tokens_to_the_owner_only(http, make_ser
     async with http.get(url, params={"acsMri": ALICE}, headers={"X-API-Key": read_key}) as resp:
         shown = (await resp.json(content_type=None))["deviceInfos"][0]["deviceToken"]
     assert shown.startswith("sha256:")
+
+
+async def test_strangers_cannot_use_up_an_identitys_rate(http, make_server, tmp_path) -> None:
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    server = make_server(
+        auth_issuer=ISS,
+        auth_audience=AUD,
+        auth_public_key_file=pem,
+        auth_identity_claim="acs_id",
+        rate_limit_per_identity=3,
+    )
+    for _ in range(5):  # unauthenticated attempts against Alice
+        assert await put(http, server, ALICE, "phone", {}) == 401
+    assert await put(http, server, ALICE, "phone", auth(token(ALICE))) == 201

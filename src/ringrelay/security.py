@@ -164,9 +164,10 @@ class Guard:
         Every registrar request also counts against its client's and identity's rate."""
         client = request.client.host if request.client else "unknown"
         self._limit(self.per_client, f"client:{client}")
+        principal = await self.principal(request)
+        # Counted once the caller is known, so strangers cannot use up someone's allowance.
         if identity is not None:
             self._limit(self.per_identity, f"identity:{identity}")
-        principal = await self.principal(request)
         if scope not in principal.scopes and "admin" not in principal.scopes:
             log.info("%s lacks the %s scope", principal.subject, scope)
             raise HTTPException(
