@@ -26,6 +26,18 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.upper().startswith(("RINGRELAY_", "ANH"))}
 
 
+def serve(port: int, cwd: object, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    """`ringrelay serve` as a user starts it, output captured."""
+    return subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port), *extra],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[str], seconds: float = 15) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -42,14 +54,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], seconds: float = 15) -> 
 @pytest.fixture
 def served(tmp_path):
     port = free_port()
-    proc = subprocess.Popen(
-        [*RINGRELAY, "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve(port, tmp_path, clean_env())
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
     yield url, proc, tmp_path
@@ -137,14 +142,7 @@ def test_serve_refuses_a_malformed_setting(tmp_path) -> None:
 def test_access_log_never_shows_the_webhook_secret(tmp_path) -> None:
     port = free_port()
     env = clean_env() | {"RINGRELAY_WEBHOOK_SECRET": "hunter2-secret"}
-    proc = subprocess.Popen(
-        [*RINGRELAY, "serve", "--port", str(port), "--access-log"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve(port, tmp_path, env, "--access-log")
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
@@ -179,14 +177,7 @@ async def test_sigterm_lets_in_flight_deliveries_finish(tmp_path, fake_nh, nh_se
         "RINGRELAY_NH_HUB_NAME": nh_settings["nh_hub_name"],
         "RINGRELAY_NH_CA_FILE": str(nh_settings["nh_ca_file"]),
     }
-    proc = subprocess.Popen(
-        [*RINGRELAY, "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve(port, tmp_path, env)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, proc)
     callee = acs_id("sigterm")
@@ -211,14 +202,7 @@ async def test_sigterm_lets_in_flight_deliveries_finish(tmp_path, fake_nh, nh_se
     # uvicorn re-raises the signal after its graceful shutdown, so the exit reads "terminated".
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
 
-    proc = subprocess.Popen(  # the record survived the shutdown
-        [*RINGRELAY, "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve(port, tmp_path, env)
     try:
         wait_healthy(url, proc)
         call = json.load(urllib.request.urlopen(f"{url}/v1/calls/{event['data']['correlationId']}"))

@@ -13,7 +13,7 @@ import pytest
 
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import acs_id
-from tests.test_cli import RINGRELAY, clean_env, free_port, wait_healthy
+from tests.test_cli import RINGRELAY, clean_env, free_port, serve, wait_healthy
 from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
 
 ROUNDS = 100
@@ -27,13 +27,10 @@ async def two_instances(tmp_path):
     procs, urls = [], []
     for _ in range(2):
         port = free_port()
-        proc = subprocess.Popen(
-            [*RINGRELAY, "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=clean_env() | {"RINGRELAY_DATABASE_URL": url, "RINGRELAY_LOG_LEVEL": "WARNING"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        proc = serve(
+            port,
+            tmp_path,
+            clean_env() | {"RINGRELAY_DATABASE_URL": url, "RINGRELAY_LOG_LEVEL": "WARNING"},
         )
         procs.append(proc)
         urls.append(f"http://127.0.0.1:{port}")
@@ -164,16 +161,7 @@ async def test_instance_killed_mid_batch_then_retried_elsewhere(
     procs, urls = [], []
     for _ in range(2):
         port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [*RINGRELAY, "serve", "--port", str(port)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        procs.append(serve(port, tmp_path, env))
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for u, p in zip(urls, procs, strict=True):

@@ -51,18 +51,24 @@ def hs256_with_public_key() -> str:
     return f"{signing_input}.{b64(hmac.new(pem, signing_input.encode(), hashlib.sha256).digest())}"
 
 
+def public_key_file(directory: Any) -> Any:
+    """The identity provider's public key as a PEM file."""
+    pem = directory / "idp.pem"
+    pem.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return pem
+
+
 def auth(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
 @pytest.fixture
 def secured(make_server, tmp_path):
-    pem = tmp_path / "idp.pem"
-    pem.write_bytes(
-        KEY.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    pem = public_key_file(tmp_path)
     return make_server(
         auth_issuer=ISS,
         auth_audience=AUD,
@@ -385,12 +391,7 @@ async def test_rate_limits_answer_429_with_retry_after(http, make_server) -> Non
 
 async def test_sample_listing_shows_full_tokens_to_the_owner_only(http, make_server, tmp_path):
     db_url = f"sqlite:///{tmp_path / 'owner.db'}"
-    pem = tmp_path / "idp.pem"
-    pem.write_bytes(
-        KEY.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    pem = public_key_file(tmp_path)
     server = make_server(
         database_url=db_url,
         auth_issuer=ISS,
@@ -410,12 +411,7 @@ async def test_sample_listing_shows_full_tokens_to_the_owner_only(http, make_ser
 
 
 async def test_strangers_cannot_use_up_an_identitys_rate(http, make_server, tmp_path) -> None:
-    pem = tmp_path / "idp.pem"
-    pem.write_bytes(
-        KEY.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    pem = public_key_file(tmp_path)
     server = make_server(
         auth_issuer=ISS,
         auth_audience=AUD,
