@@ -1,0 +1,457 @@
+"""A fake APNs: HTTP/2 over TLS (ALPN h2) that checks what Apple checks on a token-based push.
+
+Checks and answers follow Apple's "Sending notification requests to APNs", "Establishing a
+token-based connection to APNs" and "Handling notification responses from APNs"
+(../shared/notes/protocols.md §3): the method and `/3/device/<hex token>` path, the ES256 provider
+token (signature against the key's public half, `kid`, `iss`, `iat` no older than an hour,
+renewal no more often than every 20 minutes), the topic against the key's bundle ids and the push
+type, priority, expiration, `apns-id` and the payload size (5120 bytes VoIP, 4096 otherwise).
+Scripted answers (410 with a timestamp, 5xx, delays), GOAWAY and dropped connections on demand.
+
+Built on h2 directly, not an ASGI server: it must answer thousands of pushes a second on a core
+it shares with the load generator, and the tests need frame-level control (GOAWAY, aborts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import jwt
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from ringrelay.fakes.tls import make_test_certificates
+
+PUSH_TYPES = {
+    "alert",
+    "background",
+    "location",
+    "voip",
+    "complication",
+    "fileprovider",
+    "mdm",
+    "liveactivity",
+    "pushtotalk",
+}
+# Topic suffixes Apple defines per push type (the bundle id alone for alert/background).
+TOPIC_SUFFIX = {
+    "voip": ".voip",
+    "complication": ".complication",
+    "fileprovider": ".pushkit.fileprovider",
+    "location": ".location-query",
+    "liveactivity": ".push-type.liveactivity",
+    "pushtotalk": ".voip-ptt",
+}
+VOIP_MAX = 5120
+OTHER_MAX = 4096
+TOKEN_MAX_AGE = 3600  # older provider tokens: 403 ExpiredProviderToken
+HEX = re.compile(rb"^[0-9a-fA-F]+$")
+UUID = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def write_signing_key(path: str | Path) -> bytes:
+    """A fresh APNs auth key as Apple hands it out (PKCS#8 PEM `.p8`); returns its public PEM,
+    which is what the fake needs to verify provider tokens."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    Path(path).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass
+class _Key:
+    team_id: str
+    key_id: str
+    public_key: Any
+    bundle_ids: set[str]
+    last_token: str = ""
+    last_token_at: float = 0.0
+
+
+@dataclass
+class _Scripted:
+    status: int
+    reason: str
+    times: int
+    device_token: str | None
+    timestamp_ms: int | None
+    delay: float
+
+
+@dataclass
+class FakeAPNs:
+    max_concurrent_streams: int = 1000
+    record_bodies: bool = True
+    capacity: int = 100_000
+    # Apple: refresh no more than once every 20 minutes; tests may relax it.
+    min_token_renewal_seconds: float = 1200.0
+    check_token_renewal: bool = True
+    pushes: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
+    counts: collections.Counter[int] = field(default_factory=collections.Counter)
+    receipts: list[tuple[str, float]] = field(default_factory=list)
+    connections_opened: int = 0
+    provider_tokens: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.pushes = collections.deque(maxlen=self.capacity)
+        self._keys: dict[str, _Key] = {}
+        self._verified: dict[str, tuple[_Key, int]] = {}  # JWT -> (key, iat)
+        self._script: list[_Scripted] = []
+        self._unregistered: dict[str, int] = {}
+        self._connections: set[_Connection] = set()
+        self._server: asyncio.Server | None = None
+        self.base_url = ""
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def add_key(
+        self, team_id: str, key_id: str, public_key_pem: bytes, bundle_ids: set[str]
+    ) -> None:
+        self._keys[key_id] = _Key(
+            team_id, key_id, load_pem_public_key(public_key_pem), set(bundle_ids)
+        )
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, tls_dir: str | None = None
+    ) -> str:
+        if tls_dir is None:
+            raise ValueError("APNs is only spoken over TLS: give tls_dir")
+        ctx = make_test_certificates(tls_dir).server_context(["h2"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, ssl=ctx, backlog=1024
+        )
+        bound = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"https://{host}:{bound}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        await self.drop_connections()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def respond(
+        self,
+        status: int,
+        reason: str,
+        times: int = 1,
+        *,
+        device_token: str | None = None,
+        timestamp_ms: int | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self._script.append(_Scripted(status, reason, times, device_token, timestamp_ms, delay))
+
+    def unregistered_at(self, device_token: str, timestamp_ms: int) -> None:
+        self._unregistered[device_token.lower()] = timestamp_ms
+
+    async def goaway(self, reason: str = "Shutdown") -> None:
+        for conn in list(self._connections):
+            conn.goaway(reason)
+
+    async def drop_connections(self) -> None:
+        for conn in list(self._connections):
+            conn.abort()
+
+    def reset(self) -> None:
+        self.pushes.clear()
+        self.counts.clear()
+        self.receipts.clear()
+        self.provider_tokens.clear()
+        self._script.clear()
+        self._unregistered.clear()
+        self._verified.clear()
+        for key in self._keys.values():
+            key.last_token, key.last_token_at = "", 0.0
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def _provider_token_error(self, authorization: bytes | None) -> tuple[int, str] | None:
+        if not authorization:
+            return 403, "MissingProviderToken"
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return 403, "MissingProviderToken"
+        now = time.time()
+        known = self._verified.get(token)
+        if known is None:
+            try:
+                header = jwt.get_unverified_header(token)
+                key = self._keys.get(str(header.get("kid", "")))
+                if header.get("alg") != "ES256" or key is None:
+                    return 403, "InvalidProviderToken"
+                claims = jwt.decode(
+                    token,
+                    key.public_key,
+                    algorithms=["ES256"],
+                    options={"verify_aud": False, "verify_exp": False, "require": ["iss", "iat"]},
+                    leeway=3600 * 24,  # iat age is judged below, with Apple's own words
+                )
+            except jwt.PyJWTError:
+                return 403, "InvalidProviderToken"
+            if claims.get("iss") != key.team_id or not isinstance(claims.get("iat"), int):
+                return 403, "InvalidProviderToken"
+            if (
+                self.check_token_renewal
+                and key.last_token
+                and now - key.last_token_at < self.min_token_renewal_seconds
+            ):
+                # A new token for the same key too soon after the previous one.
+                return 429, "TooManyProviderTokenUpdates"
+            key.last_token, key.last_token_at = token, now
+            known = (key, int(claims["iat"]))
+            self._verified[token] = known
+            self.provider_tokens.add(token)
+        key, iat = known
+        if iat > now + 60:
+            return 403, "InvalidProviderToken"
+        if now - iat > TOKEN_MAX_AGE:
+            return 403, "ExpiredProviderToken"
+        return None
+
+    def handle(
+        self, headers: list[tuple[bytes, bytes]], body: bytes, conn_id: int
+    ) -> tuple[int, dict[str, Any] | None, str, float]:
+        """Judge one request: (status, error body or None, apns-id, delay)."""
+        values: dict[bytes, bytes] = {}
+        duplicate = False
+        for name, value in headers:
+            if name in values:
+                duplicate = True
+            values[name] = value
+        apns_id = values.get(b"apns-id", b"").decode("latin-1") or str(uuid.uuid4())
+
+        def error(status: int, reason: str) -> tuple[int, dict[str, Any] | None, str, float]:
+            return status, {"reason": reason}, apns_id, 0.0
+
+        if duplicate:
+            return error(400, "DuplicateHeaders")
+        if values.get(b":method") != b"POST":
+            return error(405, "MethodNotAllowed")
+        path = values.get(b":path", b"")
+        if not path.startswith(b"/3/device/"):
+            return error(404, "BadPath")
+        device = path[len(b"/3/device/") :]
+        if not device:
+            return error(400, "MissingDeviceToken")
+        if not HEX.match(device) or len(device) % 2:
+            return error(400, "BadDeviceToken")
+        if b"apns-id" in values and not UUID.match(values[b"apns-id"]):
+            return error(400, "BadMessageId")
+        problem = self._provider_token_error(values.get(b"authorization"))
+        if problem is not None:
+            return error(*problem)
+        key, _ = self._verified[values[b"authorization"].decode("latin-1").partition(" ")[2]]
+        topic = values.get(b"apns-topic", b"").decode("latin-1")
+        if not topic:
+            return error(400, "MissingTopic")
+        push_type = values.get(b"apns-push-type", b"alert").decode("latin-1")
+        if push_type not in PUSH_TYPES:
+            return error(400, "InvalidPushType")
+        suffix = TOPIC_SUFFIX.get(push_type, "")
+        base = topic.removesuffix(suffix) if suffix else topic
+        if base not in key.bundle_ids:
+            return error(400, "TopicDisallowed")
+        if not topic.endswith(suffix) or (not suffix and topic.endswith(".voip")):
+            # Apple's docs give no reason for a type/topic mismatch; InvalidPushType is closest.
+            return error(400, "InvalidPushType")
+        priority = values.get(b"apns-priority", b"10")
+        if priority not in (b"1", b"5", b"10"):
+            return error(400, "BadPriority")
+        expiration = values.get(b"apns-expiration")
+        if expiration is not None and not expiration.isdigit():
+            return error(400, "BadExpirationDate")
+        if not body:
+            return error(400, "PayloadEmpty")
+        limit = VOIP_MAX if push_type == "voip" else OTHER_MAX
+        if len(body) > limit:
+            return error(413, "PayloadTooLarge")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error(400, "BadPayload")  # not an Apple reason; Apple would not accept it
+        if not isinstance(payload, dict):
+            return error(400, "BadPayload")
+
+        token = device.decode().lower()
+        status, reason, timestamp, delay = 200, "", None, 0.0
+        for scripted in self._script:
+            if scripted.device_token is None or scripted.device_token.lower() == token:
+                status, reason, timestamp, delay = (
+                    scripted.status,
+                    scripted.reason,
+                    scripted.timestamp_ms,
+                    scripted.delay,
+                )
+                scripted.times -= 1
+                if scripted.times <= 0:
+                    self._script.remove(scripted)
+                break
+        if token in self._unregistered and status == 200:
+            status, reason, timestamp = 410, "Unregistered", self._unregistered[token]
+
+        data = payload.get("data")
+        call_id = str(data.get("callId", "")) if isinstance(data, dict) else ""
+        if status == 200:
+            self.receipts.append((call_id, time.monotonic()))
+        if self.record_bodies:
+            self.pushes.appendleft(
+                {
+                    "device_token": token,
+                    "headers": {
+                        n.decode(): v.decode("latin-1")
+                        for n, v in values.items()
+                        if not n.startswith(b":")
+                    },
+                    "body": payload,
+                    "apns_id": apns_id,
+                    "topic": topic,
+                    "push_type": push_type,
+                    "connection": conn_id,
+                    "received_at": time.time(),
+                    "status": status,
+                    "expired": bool(
+                        expiration and expiration != b"0" and int(expiration) < time.time()
+                    ),
+                }
+            )
+        self.counts[status] += 1
+        if status == 200:
+            return 200, None, apns_id, delay
+        answer: dict[str, Any] = {"reason": reason}
+        if status == 410:
+            answer["timestamp"] = timestamp if timestamp is not None else int(time.time() * 1000)
+        return status, answer, apns_id, delay
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [{**p, "device_token": p["device_token"][:8] + "…"} for p in self.pushes]
+
+
+_SERVER_CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None)
+
+
+class _Connection(asyncio.Protocol):
+    _ids = 0
+
+    def __init__(self, fake: FakeAPNs) -> None:
+        self.fake = fake
+        self.h2 = h2.connection.H2Connection(config=_SERVER_CONFIG)
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
+        self.highest_stream = 0
+        _Connection._ids += 1
+        self.id = _Connection._ids
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.fake.connections_opened += 1
+        self.fake._connections.add(self)
+        self.h2.initiate_connection()
+        self.h2.update_settings(
+            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_concurrent_streams}
+        )
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._connections.discard(self)
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._flush()
+            self.abort()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.requests[event.stream_id] = (list(event.headers or []), bytearray())
+                self.highest_stream = max(self.highest_stream, event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                request = self.requests.get(event.stream_id)
+                if request is not None:
+                    request[1].extend(event.data or b"")
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                request = self.requests.pop(event.stream_id, None)
+                if request is not None:
+                    self._answer(event.stream_id, request[0], bytes(request[1]))
+            elif isinstance(event, h2.events.StreamReset):
+                self.requests.pop(event.stream_id, None)
+        self._flush()
+
+    def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if dict(headers).get(b":path", b"").startswith(b"/_fake/pushes"):
+            self._send(stream_id, 200, {"pushes": self.fake.listing()}, "")
+            return
+        status, answer, apns_id, delay = self.fake.handle(headers, body, self.id)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(
+                delay, self._send, stream_id, status, answer, apns_id
+            )
+        else:
+            self._send(stream_id, status, answer, apns_id)
+
+    def _send(self, stream_id: int, status: int, answer: Any, apns_id: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = orjson.dumps(answer) if answer is not None else b""
+        headers = [(b":status", str(status).encode())]
+        if apns_id:
+            headers.append((b"apns-id", apns_id.encode()))
+        if body:
+            headers.append((b"content-type", b"application/json"))
+            headers.append((b"content-length", str(len(body)).encode()))
+        try:
+            self.h2.send_headers(stream_id, headers, end_stream=not body)
+            if body:
+                self.h2.send_data(stream_id, body, end_stream=True)
+        except h2.exceptions.H2Error:
+            return  # the stream was reset or the connection is closing
+        self._flush()
+
+    def goaway(self, reason: str) -> None:
+        """As Apple does: GOAWAY with a JSON reason, then close once the answers are out."""
+        try:
+            self.h2.close_connection(
+                error_code=h2.errors.ErrorCodes.NO_ERROR,
+                additional_data=orjson.dumps({"reason": reason}),
+                last_stream_id=self.highest_stream,
+            )
+        except h2.exceptions.H2Error:
+            pass
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
