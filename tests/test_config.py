@@ -90,3 +90,92 @@ def test_malformed_settings_name_the_setting(monkeypatch, env, named) -> None:
 def test_missing_config_file_is_an_error() -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_settings("/nonexistent/ringrelay.toml")
+
+
+def _direct_config(tmp_path, apns_extra: str = "", fcm_extra: str = "") -> str:
+    from ringrelay.fakes.apns import write_signing_key
+    from ringrelay.fakes.fcm import write_service_account
+
+    write_signing_key(tmp_path / "AuthKey.p8")
+    write_service_account(tmp_path / "sa.json", "contoso-calling", "https://127.0.0.1:1/token")
+    return f"""
+[[apns]]
+bundle_id = "com.contoso.calling"
+team_id = "ABCDE12345"
+key_id = "KEY1234567"
+key_file = "{tmp_path / "AuthKey.p8"}"
+{apns_extra}
+
+[[apns]]
+app_id = "dev-build"
+bundle_id = "com.contoso.calling"
+team_id = "ABCDE12345"
+key_id = "KEY1234567"
+key_file = "{tmp_path / "AuthKey.p8"}"
+environment = "sandbox"
+
+[[fcm]]
+service_account_file = "{tmp_path / "sa.json"}"
+{fcm_extra}
+"""
+
+
+def test_direct_apps_and_routes_from_toml(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(_direct_config(tmp_path) + '\n[routes]\nwns = "sandbox"\n')
+    settings = load_settings(config)
+    assert [a.name for a in settings.apns] == ["com.contoso.calling", "dev-build"]
+    assert settings.apns[1].environment == "sandbox"
+    assert [f.name for f in settings.fcm] == ["contoso-calling"]
+    # Direct where configured, the sandbox only where the routes say so, nothing else.
+    assert {p.value: t for p, t in settings.transport_routes().items()} == {
+        "apns": "apns",
+        "fcm": "fcm",
+        "wns": "sandbox",
+    }
+
+
+@pytest.mark.parametrize(
+    ("apns_extra", "fcm_extra", "named"),
+    [
+        ('team_id = "abc"', "", "apns[0].team_id"),
+        ('environment = "staging"', "", "apns[0].environment"),
+        ("colour = 1", "", "apns[0].colour"),
+        ("", 'service_account_file = "/nonexistent.json"', "fcm[0].service_account_file"),
+    ],
+)
+def test_malformed_direct_settings_name_the_table_and_key(
+    tmp_path, apns_extra, fcm_extra, named
+) -> None:
+    config = tmp_path / "ringrelay.toml"
+    text = _direct_config(tmp_path, apns_extra, "")
+    if fcm_extra:
+        text = text.replace(f'service_account_file = "{tmp_path / "sa.json"}"', fcm_extra)
+    if apns_extra.startswith("team_id"):
+        text = text.replace('team_id = "ABCDE12345"\nkey_id', "key_id", 1)
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert named in str(err.value)
+
+
+def test_apns_key_file_must_be_a_p256_key(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    text = _direct_config(tmp_path)
+    (tmp_path / "AuthKey.p8").write_text(
+        "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"
+    )
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert "apns[0].key_file" in str(err.value)
+
+
+def test_duplicate_app_ids_and_impossible_routes_are_refused(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(_direct_config(tmp_path).replace('app_id = "dev-build"', ""))
+    with pytest.raises(ConfigError, match="configured twice"):
+        load_settings(config)
+    config.write_text(_direct_config(tmp_path) + '\n[routes]\nwns = "apns"\n')
+    with pytest.raises(ConfigError, match=r"routes\.wns"):
+        load_settings(config)

@@ -89,8 +89,10 @@ async def add_device_token(request: Request) -> Response:
         uuid_, token = info.get("deviceUUID"), info.get("deviceToken")
         if not isinstance(uuid_, str) or not isinstance(token, str):
             return _text(400, f"{where}: deviceUUID and deviceToken must be strings")
-        if relay.router.for_platform(platform) is None:
-            return _text(400, f"{where}.platform: no delivery transport configured for it")
+        problem = relay.router.registration_error(platform, None)
+        if problem is not None:
+            # The sample's body has no app id: with several apps, use the /v1 API.
+            return _text(400, f"{where}.platform: {problem[1]}")
         try:
             regs.append(
                 build_registration(

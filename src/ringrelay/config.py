@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
+    BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -23,6 +25,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from ringrelay.models import Platform
 
 # Registration lifetime bounds: the ACS calling SDK's own limits (learn.microsoft.com
 # azure/communication-services/how-tos/calling-sdk/push-notifications: 5 min ... 180 days).
@@ -71,6 +75,88 @@ def parse_connection_string(value: str) -> NotificationHubsConnection:
         key_name=parts["sharedaccesskeyname"],
         key=parts["sharedaccesskey"],
     )
+
+
+Transport = Literal["apns", "fcm", "notificationhubs", "sandbox"]
+
+
+class ApnsApp(BaseModel):
+    """One iOS app pushed straight to APNs with a token-based (.p8) key. TOML: `[[apns]]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._\-]{1,255}$"
+    )  # default: bundle_id
+    # The app's bundle id; VoIP pushes go to the topic `<bundle_id>.voip`.
+    bundle_id: str = Field(pattern=r"^[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)+$")
+    # Apple's Team ID and Key ID are 10-character strings (developer.apple.com, "Establishing a
+    # token-based connection to APNs").
+    team_id: str = Field(pattern=r"^[A-Z0-9]{10}$")
+    key_id: str = Field(pattern=r"^[A-Z0-9]{10}$")
+    key_file: Path
+    environment: Literal["production", "sandbox"] = "production"
+    endpoint: str | None = None  # tests and fakes only: host:port or https://host:port
+    ca_file: Path | None = None  # tests and fakes only: trust this CA
+    timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    max_connections: int = Field(default=2, ge=1, le=100)
+    max_in_flight: int = Field(default=1000, ge=1, le=1_000_000)
+
+    @property
+    def name(self) -> str:
+        return self.app_id or self.bundle_id
+
+    @field_validator("key_file")
+    @classmethod
+    def _check_key(cls, value: Path) -> Path:
+        from ringrelay.providers.apns import load_signing_key
+
+        if not value.is_file():
+            raise ValueError(f"no such file {value}")
+        try:
+            load_signing_key(value)
+        except ValueError as exc:
+            raise ValueError(f"{value}: {exc}") from None
+        return value
+
+
+class FcmApp(BaseModel):
+    """One Firebase project pushed straight through FCM HTTP v1. TOML: `[[fcm]]`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._\-]{1,255}$"
+    )  # default: project id
+    service_account_file: Path
+    endpoint: str | None = None  # tests and fakes only: https://host:port
+    ca_file: Path | None = None  # tests and fakes only: trust this CA (FCM and token endpoint)
+    timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    max_connections: int = Field(default=100, ge=1, le=10_000)
+    max_in_flight: int = Field(default=1000, ge=1, le=1_000_000)
+
+    @property
+    def project_id(self) -> str:
+        from ringrelay.providers.fcm import read_service_account
+
+        return str(read_service_account(self.service_account_file)["project_id"])
+
+    @property
+    def name(self) -> str:
+        return self.app_id or self.project_id
+
+    @field_validator("service_account_file")
+    @classmethod
+    def _check_account(cls, value: Path) -> Path:
+        from ringrelay.providers.fcm import read_service_account
+
+        if not value.is_file():
+            raise ValueError(f"no such file {value}")
+        try:
+            read_service_account(value)
+        except ValueError as exc:
+            raise ValueError(f"{value}: {exc}") from None
+        return value
 
 
 def _names(*names: str) -> AliasChoices:
@@ -132,6 +218,15 @@ class Settings(BaseSettings):
     nh_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
     nh_sas_ttl_seconds: int = Field(default=3600, ge=300, le=86400)
     nh_max_connections: int = Field(default=100, ge=1, le=10_000)
+    nh_max_in_flight: int = Field(default=1000, ge=1, le=1_000_000)
+
+    # Direct delivery: any number of apps per platform; a registration names its app (app_id)
+    # unless its platform has only one.
+    apns: list[ApnsApp] = Field(default_factory=list)
+    fcm: list[FcmApp] = Field(default_factory=list)
+    # Which transport serves which platform, over the default (direct where configured, else
+    # Notification Hubs where configured, else the sandbox when nothing is configured at all).
+    routes: dict[Platform, Transport] = Field(default_factory=dict)
 
     # Registrar authentication: bearer JWTs from the app's identity provider.
     auth_issuer: str | None = None
@@ -226,7 +321,46 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_direct(self) -> Settings:
+        for platform, apps in ((Platform.APNS, self.apns), (Platform.FCM, self.fcm)):
+            names = [app.name for app in apps]
+            duplicate = {n for n in names if names.count(n) > 1}
+            if duplicate:
+                raise ValueError(
+                    f"{platform.value}: app_id {sorted(duplicate)[0]!r} configured twice "
+                    "(give each app its own app_id)"
+                )
+        for platform, transport in self.routes.items():
+            if transport == "apns" and (platform is not Platform.APNS or not self.apns):
+                raise ValueError(
+                    f"routes.{platform.value}: 'apns' needs platform apns and [[apns]]"
+                )
+            if transport == "fcm" and (platform is not Platform.FCM or not self.fcm):
+                raise ValueError(f"routes.{platform.value}: 'fcm' serves fcm, with [[fcm]]")
+            if transport == "notificationhubs" and self.nh_connection_string is None:
+                raise ValueError(
+                    f"routes.{platform.value}: 'notificationhubs' needs a connection string"
+                )
+        return self
+
     # --- derived ---------------------------------------------------------------------------
+
+    def transport_routes(self) -> dict[Platform, Transport]:
+        """Which transport serves each platform; a platform missing here cannot be registered."""
+        if self.delivery == "sandbox":
+            return {p: "sandbox" for p in Platform}
+        routes: dict[Platform, Transport] = {}
+        if self.delivery_backend == "notificationhubs":
+            routes = {p: "notificationhubs" for p in Platform}
+        elif not (self.apns or self.fcm):
+            routes = {p: "sandbox" for p in Platform}
+        if self.apns:
+            routes[Platform.APNS] = "apns"
+        if self.fcm:
+            routes[Platform.FCM] = "fcm"
+        routes.update(self.routes)
+        return routes
 
     @property
     def delivery_backend(self) -> Literal["sandbox", "notificationhubs"]:
@@ -284,6 +418,12 @@ _FIELD_NAMES: dict[str, str] = {
 def _setting_name(loc: tuple[Any, ...]) -> str:
     if not loc:
         return "settings"
+    if loc[0] in ("apns", "fcm", "routes"):
+        # TOML tables: apns[0].key_file, routes.wns
+        out = str(loc[0])
+        for part in loc[1:]:
+            out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        return out
     field = str(loc[0])
     for name, label in _FIELD_NAMES.items():
         if field == name or field in label.split(" / "):

@@ -84,17 +84,66 @@ def outcome_json(o: DeliveryOutcome) -> dict[str, Any]:
 
 
 class ProviderRouter:
-    """Which provider serves which platform."""
+    """Which provider serves a registration: by platform, and by app where a platform has several
+    directly configured apps (APNs bundles, Firebase projects)."""
 
-    def __init__(self, routes: dict[Platform, PushProvider]) -> None:
-        self.routes = routes
+    def __init__(
+        self,
+        routes: dict[Platform, PushProvider],
+        apps: dict[Platform, dict[str, PushProvider]] | None = None,
+    ) -> None:
+        self.routes = routes  # a platform's provider when the app does not matter
+        self.apps = apps or {}  # platform -> app id -> provider, for direct transports
 
     def for_platform(self, platform: Platform) -> PushProvider | None:
         return self.routes.get(platform)
 
+    def for_registration(self, reg: Registration) -> PushProvider | None:
+        apps = self.apps.get(reg.platform)
+        if apps is None:
+            return self.routes.get(reg.platform)
+        if reg.app_id is None:
+            return self.routes.get(reg.platform)  # set only when the platform has one app
+        return apps.get(reg.app_id)
+
+    def registration_error(self, platform: Platform, app_id: str | None) -> tuple[str, str] | None:
+        """(field, message) when no transport would deliver to such a registration."""
+        apps = self.apps.get(platform)
+        if apps is None:
+            if platform not in self.routes:
+                return "platform", f"no delivery transport is configured for {platform.value}"
+            return None
+        if app_id is None:
+            if platform in self.routes:
+                return None
+            return "app_id", (
+                f"required: {len(apps)} {platform.value} apps are configured "
+                f"({', '.join(sorted(apps))})"
+            )
+        if app_id not in apps:
+            return "app_id", (
+                f"no {platform.value} app {app_id!r} is configured "
+                f"(configured: {', '.join(sorted(apps))})"
+            )
+        return None
+
     def providers(self) -> list[PushProvider]:
         unique: dict[int, PushProvider] = {id(p): p for p in self.routes.values()}
+        for apps in self.apps.values():
+            unique.update({id(p): p for p in apps.values()})
         return list(unique.values())
+
+
+class InFlightLimit:
+    """Pushes under way per provider. Beyond the provider's limit a push fails fast (transient,
+    with the reason recorded) instead of queueing: a slow or dead provider must not pile up
+    memory, nor hold up the devices on other providers."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
 
 
 class Dispatcher:
@@ -113,6 +162,9 @@ class Dispatcher:
         # Single flight: a duplicate delivery of an event being handled in this process waits
         # for the first instead of racing it.
         self._inflight: dict[str, asyncio.Future[EventReport]] = {}
+        self._limits: dict[int, InFlightLimit] = {
+            id(p): InFlightLimit(p.max_in_flight) for p in router.providers()
+        }
 
     async def handle(self, event: Event, received_at: float, deadline: float) -> EventReport:
         if event.error:
@@ -258,11 +310,16 @@ class Dispatcher:
         stop_at: float,
         claim: Claim,
     ) -> DeliveryOutcome:
-        provider = self.router.for_platform(reg.platform)
+        provider = self.router.for_registration(reg)
         if provider is None:
+            app = f" app {reg.app_id}" if reg.app_id else ""
             return self._outcome(
-                reg, DeliveryStatus.REJECTED, f"no transport configured for {reg.platform}", claim
+                reg,
+                DeliveryStatus.CONFIG_ERROR,
+                f"no transport configured for {reg.platform.value}{app}",
+                claim,
             )
+        limit = self._limits[id(provider)]
         push_id = str(uuid.uuid4())
         attempts = 0
         result = PushResult(DeliveryStatus.TRANSIENT, "not attempted")
@@ -272,9 +329,19 @@ class Dispatcher:
                 break
             attempts += 1
             started = time.perf_counter()
-            result = await provider.send(
-                PushRequest(push_id, reg, call, ring_ends_at, remaining, event_id)
-            )
+            if limit.count >= limit.limit:
+                result = PushResult(
+                    DeliveryStatus.TRANSIENT,
+                    f"{provider.name} overloaded: {limit.count} pushes in flight (limit)",
+                )
+            else:
+                limit.count += 1
+                try:
+                    result = await provider.send(
+                        PushRequest(push_id, reg, call, ring_ends_at, remaining, event_id)
+                    )
+                finally:
+                    limit.count -= 1
             self.metrics.push_attempt(
                 provider.name,
                 reg.platform.value,
@@ -290,6 +357,8 @@ class Dispatcher:
                 break
             await asyncio.sleep(delay)
 
+        if result.remove_token:
+            await self._prune(reg, provider.name, result)
         status, reason = result.status, result.reason
         # When the ring ends before our deadline, a later retry (Event Grid's included) would
         # come too late: the push is expired, not pending.
@@ -312,6 +381,27 @@ class Dispatcher:
         return self._outcome(
             reg, status, reason, claim, attempts, provider.name, result.provider_ref
         )
+
+    async def _prune(self, reg: Registration, provider: str, result: PushResult) -> None:
+        """The provider says the token is dead: remove the registration, keep an audit record."""
+        try:
+            removed = await self.store.prune_registration(
+                reg, f"{provider}: {result.reason}", time.time(), result.removed_after
+            )
+        except Exception:
+            # The outcome is recorded either way; the next push will learn it again.
+            log.exception("could not prune registration %s/%s", reg.identity, reg.device_id)
+            return
+        if removed:
+            self.metrics.registrations.labels("pruned").inc()
+            log.info(
+                "registration %s/%s (%s, token %s) removed: %s",
+                reg.identity,
+                reg.device_id,
+                provider,
+                fingerprint(reg.token),
+                result.reason,
+            )
 
 
 def _event_status(outcomes: list[DeliveryOutcome], busy: bool) -> EventStatus:

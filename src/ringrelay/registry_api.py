@@ -124,10 +124,9 @@ async def put_device(
     relay: Relay = request.app.state.relay
     _check_path(identity, device_id)
     await relay.guard.authorize_identity(request, identity)
-    if relay.router.for_platform(body.platform) is None:
-        raise field_error(
-            "platform", "body", f"no delivery transport is configured for {body.platform.value}"
-        )
+    problem = relay.router.registration_error(body.platform, body.app_id)
+    if problem is not None:
+        raise field_error(problem[0], "body", problem[1])
     try:
         reg = build_registration(
             identity,
@@ -198,6 +197,31 @@ async def delete_all_devices(identity: str, request: Request) -> dict[str, Any]:
     deleted = await relay.store.delete_identity(identity)
     relay.metrics.registrations.labels("delete").inc(deleted)
     return {"identity": identity, "deleted": deleted}
+
+
+@router.get(
+    "/identities/{identity}/removed-devices",
+    tags=["registry"],
+    summary="Registrations ringrelay removed because the push provider declared the token dead",
+)
+async def removed_devices(identity: str, request: Request) -> dict[str, Any]:
+    relay: Relay = request.app.state.relay
+    _check_path(identity)
+    await relay.guard.authorize_identity(request, identity)
+    removed = await relay.store.removed_registrations(identity)
+    return {
+        "identity": identity,
+        "removed": [
+            {
+                "device_id": r.device_id,
+                "platform": r.platform,
+                "token": r.token_fingerprint,
+                "reason": r.reason,
+                "removed_at": _ts(r.removed_at),
+            }
+            for r in removed
+        ],
+    }
 
 
 @router.get(

@@ -26,10 +26,14 @@ class PushResult:
     http_status: int | None = None
     retry_after: float | None = None  # seconds, from the provider's Retry-After
     provider_ref: str | None = None
+    remove_token: bool = False  # the provider says the token is dead: prune the registration
+    removed_after: float | None = None  # ...unless re-registered after this (APNs 410 timestamp)
 
 
 class PushProvider(Protocol):
-    name: str
+    name: str  # metric label: the transport
+    description: str  # for start-up and /readyz: which endpoint, which app
+    max_in_flight: int  # pushes under way at once; beyond it a push fails fast (transient)
 
     def supports(self, platform: Platform) -> bool: ...
 

@@ -153,7 +153,9 @@ class NotificationHubsProvider:
         sas_ttl: int = 3600,
         ca_file: str | None = None,
         max_connections: int = 100,
+        max_in_flight: int = 1000,
     ) -> None:
+        self.max_in_flight = max_in_flight
         # Parsed once: aiohttp would parse a string URL on every request.
         self.url = yarl.URL(f"{messages_url}?direct&api-version={api_version}", encoded=True)
         self.api_version = api_version

@@ -66,8 +66,10 @@ class SandboxProvider:
     """Accepts every push and keeps the newest `capacity` of them in memory."""
 
     name = "sandbox"
+    description = "sandbox (records pushes, sends nothing)"
 
-    def __init__(self, capacity: int = 1000) -> None:
+    def __init__(self, capacity: int = 1000, max_in_flight: int = 100_000) -> None:
+        self.max_in_flight = max_in_flight
         self.pushes: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
 
     def supports(self, platform: Platform) -> bool:
