@@ -99,7 +99,7 @@ class ApnsApp(BaseModel):
     endpoint: str | None = None  # tests and fakes only: host:port or https://host:port
     ca_file: Path | None = None  # tests and fakes only: trust this CA
     timeout_seconds: float = Field(default=5.0, gt=0, le=30)
-    max_connections: int = Field(default=2, ge=1, le=100)
+    max_connections: int = Field(default=8, ge=1, le=100)
     max_in_flight: int = Field(default=1000, ge=1, le=1_000_000)
 
     @property

@@ -176,7 +176,7 @@ class ApnsProvider:
         endpoint: str | None = None,
         ca_file: str | None = None,
         timeout: float = 5.0,
-        max_connections: int = 2,
+        max_connections: int = 8,
         max_in_flight: int = 1000,
     ) -> None:
         self.app_id = app_id

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -81,11 +82,17 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
         self.h2 = h2.connection.H2Connection(config=_CLIENT_CONFIG)
+        # No Huffman coding of header literals: in pure Python (hpack) it was ~12 % of the CPU of
+        # an APNs push (the JWT and :path are literals on every request); it saves ~70 bytes.
+        self.h2.encoder.encode = functools.partial(  # type: ignore[method-assign]
+            self.h2.encoder.encode, huffman=False
+        )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.going_away = False
         self.last_activity = time.monotonic()
+        self._flush_pending = False
         self._window_waiters: list[asyncio.Future[None]] = []
         self._ping: asyncio.Future[None] | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -100,7 +107,9 @@ class H2Connection(asyncio.Protocol):
     def free_streams(self) -> int:
         if not self.usable:
             return 0
-        limit = self.h2.remote_settings.max_concurrent_streams
+        limit = min(
+            self.h2.remote_settings.max_concurrent_streams, self.pool.streams_per_connection
+        )
         return int(limit) - len(self.streams)
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
@@ -210,6 +219,16 @@ class H2Connection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def _flush_soon(self) -> None:
+        # Requests started in the same loop iteration share one TLS record and one send().
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        self._flush()
+
     def _wake_window_waiters(self) -> None:
         waiters, self._window_waiters = self._window_waiters, []
         for waiter in waiters:
@@ -223,7 +242,12 @@ class H2Connection(asyncio.Protocol):
         self.streams[stream_id] = _Stream(future)
         try:
             self.h2.send_headers(stream_id, headers, end_stream=not body)
-            self._flush()
+            if body and len(body) <= min(
+                self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
+            ):
+                self.h2.send_data(stream_id, body, end_stream=True)  # the usual case: one frame
+                body = b""
+            self._flush_soon()
             view = memoryview(body)
             while view:
                 window = self.h2.local_flow_control_window(stream_id)
@@ -236,7 +260,7 @@ class H2Connection(asyncio.Protocol):
                     continue
                 chunk = min(window, self.h2.max_outbound_frame_size, len(view))
                 self.h2.send_data(stream_id, view[:chunk].tobytes(), end_stream=chunk == len(view))
-                self._flush()
+                self._flush_soon()
                 view = view[chunk:]
             self.last_activity = time.monotonic()
             return await future
@@ -307,7 +331,10 @@ class H2Pool:
         port: int,
         ssl_context: ssl.SSLContext,
         *,
-        max_connections: int = 2,
+        max_connections: int = 8,
+        # h2 counts open streams by walking them all on every request: past ~50 streams a
+        # connection, another connection is cheaper (measured +10-18 % pushes/s at 320 streams).
+        streams_per_connection: int = 50,
         connect_timeout: float = 5.0,
         ping_after_idle: float = 3600.0,
     ) -> None:
@@ -316,6 +343,7 @@ class H2Pool:
         self.authority = f"{host}:{port}"
         self.ssl_context = ssl_context
         self.max_connections = max_connections
+        self.streams_per_connection = streams_per_connection
         self.connect_timeout = connect_timeout
         self.ping_after_idle = ping_after_idle
         self.connections: list[H2Connection] = []
