@@ -1,0 +1,239 @@
+"""Direct delivery benchmark: IncomingCall deliveries into ringrelay pushing straight to the fake
+APNs (HTTP/2 + TLS, JWT verified) and the fake FCM (HTTPS, OAuth bearer checked), against the
+Notification Hubs path measured in the same run as the baseline.
+
+    python bench/direct_bench.py            # 100,000 callees, 10 s phases (~4 minutes)
+    python bench/direct_bench.py --quick    # 10,000 callees, 4 s phases
+
+Same harness as relay_bench.py: ringrelay pinned to core 0; the load generator and the fakes on
+core 1; per transport and device count (1 and 5 per callee, all on that transport), a closed loop
+for the peak events/s and an open loop at half of it for POST-to-receipt latency (p50/p99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from relay_bench import (
+    HUB,
+    KEY,
+    LOAD_CORE,
+    SERVER_CORE,
+    free_port,
+    measure,
+    pin,
+    print_row,
+    seed,
+    spawn,
+    wait_ready,
+)
+
+from ringrelay.fakes.apns import write_signing_key
+from ringrelay.fakes.fcm import write_service_account
+from ringrelay.fakes.tls import make_test_certificates
+from ringrelay.models import Platform
+
+HERE = Path(__file__).resolve().parent
+TEAM, KEY_ID, BUNDLE = "BENCH12345", "BENCHKEY01", "com.ringrelay.bench"
+
+
+def ready(proc: Any, what: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"{what} failed to start: {line}{proc.stdout.read()}")
+
+
+async def run(a: Any) -> list[dict[str, Any]]:
+    pin(LOAD_CORE)
+    work = Path(tempfile.mkdtemp(prefix="ringrelay-direct-bench-"))
+    certs = make_test_certificates(work / "tls")
+    private, public = work / "AuthKey.p8", work / "AuthKey.pub.pem"
+    public.write_bytes(write_signing_key(private))
+    apns_port, fcm_port, control_port, hub_port = (free_port() for _ in range(4))
+    account = work / "service-account.json"
+    write_service_account(account, "ringrelay-bench", f"https://127.0.0.1:{fcm_port}/token")
+    fakes = spawn(
+        [
+            sys.executable,
+            str(HERE / "fake_direct.py"),
+            *("--apns-port", str(apns_port), "--fcm-port", str(fcm_port)),
+            *("--control-port", str(control_port), "--tls-dir", str(work / "tls")),
+            *("--team-id", TEAM, "--key-id", KEY_ID, "--public-key", str(public)),
+            *("--bundle-id", BUNDLE, "--service-account", str(account)),
+        ],
+        LOAD_CORE,
+    )
+    hub = spawn(
+        [
+            sys.executable,
+            str(HERE / "fake_hub.py"),
+            *("--port", str(hub_port), "--tls-dir", str(work / "tls"), "--hub", HUB),
+            *("--key", KEY),
+        ],
+        LOAD_CORE,
+    )
+    procs = [fakes, hub]
+    results = []
+    try:
+        ready(fakes, "fake APNs/FCM")
+        ready(hub, "fake hub")
+        ca = str(certs.ca_file)
+        transports: dict[str, tuple[dict[str, str], str]] = {
+            "notificationhubs": (
+                {
+                    "RINGRELAY_NH_CONNECTION_STRING": (
+                        f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
+                        f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
+                    ),
+                    "RINGRELAY_NH_HUB_NAME": HUB,
+                    "RINGRELAY_NH_CA_FILE": ca,
+                },
+                f"https://127.0.0.1:{hub_port}",
+            ),
+            "apns": (
+                {
+                    "RINGRELAY_APNS": json.dumps(
+                        [
+                            {
+                                "bundle_id": BUNDLE,
+                                "team_id": TEAM,
+                                "key_id": KEY_ID,
+                                "key_file": str(private),
+                                "endpoint": f"127.0.0.1:{apns_port}",
+                                "ca_file": ca,
+                            }
+                        ]
+                    )
+                },
+                f"https://127.0.0.1:{control_port}",
+            ),
+            "fcm": (
+                {
+                    "RINGRELAY_FCM": json.dumps(
+                        [
+                            {
+                                "service_account_file": str(account),
+                                "endpoint": f"https://127.0.0.1:{fcm_port}",
+                                "ca_file": ca,
+                            }
+                        ]
+                    )
+                },
+                f"https://127.0.0.1:{control_port}",
+            ),
+        }
+        for devices in (1, 5):
+            for name in a.transports:
+                env, receipts_url = transports[name]
+                db = work / f"registry-{name}-{devices}.db"
+                t0 = time.monotonic()
+                # Notification Hubs takes the mixed fleet; the direct runs one platform each.
+                only = {"apns": Platform.APNS, "fcm": Platform.FCM}.get(name)
+                await seed(db, a.identities, devices, only)
+                print(
+                    f"seeded {a.identities:,} callees x {devices} {name} device(s) in "
+                    f"{time.monotonic() - t0:.1f}s",
+                    flush=True,
+                )
+                port = free_port()
+                proc = spawn(
+                    [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)],
+                    SERVER_CORE,
+                    {
+                        "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
+                        "RINGRELAY_LOG_LEVEL": "WARNING",
+                        **env,
+                    },
+                )
+                procs.append(proc)
+                url = f"http://127.0.0.1:{port}"
+                await wait_ready(url, proc)
+                pids = {"relay": proc.pid, "fakes": fakes.pid, "hub": hub.pid, "load": os.getpid()}
+                result = await measure(
+                    f"rr-{name}"[:13],
+                    f"{url}/api/events",
+                    receipts_url,
+                    certs.ca_file,
+                    devices,
+                    a,
+                    pids,
+                )
+                result["transport"] = name
+                results.append(result)
+                print_row(result)
+                proc.terminate()
+                proc.wait(timeout=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def report(results: list[dict[str, Any]], a: Any) -> int:
+    by = {(r["transport"], r["devices"]): r for r in results}
+    print()
+    print(
+        f"conditions: {os.cpu_count()} cores, ringrelay pinned to core {SERVER_CORE}, load "
+        f"generator + fakes on core {LOAD_CORE}; Python {platform.python_version()}; "
+        f"{a.identities:,} callees; {a.seconds:.0f}s per phase; closed loop "
+        f"{a.concurrency} ({a.loader}) "
+        "connections, open loop at half the peak; SQLite store"
+    )
+    targets = []
+    for devices in (1, 5):
+        nh = by[("notificationhubs", devices)]["events_s"]
+        for name in ("apns", "fcm"):
+            r = by[(name, devices)]
+            print(
+                f"{name} direct / Notification Hubs path, {devices} device(s): "
+                f"{r['events_s'] / nh:.2f}x ({r['events_s']:,.0f} vs {nh:,.0f} events/s)"
+            )
+            targets.append(
+                (f"{name}, {devices} device(s): >= the hub path's events/s", r["events_s"] >= nh)
+            )
+            targets.append((f"{name}, {devices} device(s): p99 < 25 ms at half", r["p99"] < 25))
+    targets.append(
+        ("no push missing or duplicated", all(r["missing"] == r["dupes"] == 0 for r in results))
+    )
+    for label, ok in targets:
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}")
+    return 0 if all(ok for _, ok in targets) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--identities", type=int, default=100_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="10,000 callees, 4 s phases")
+    parser.add_argument(
+        "--loader",
+        choices=["wrk", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator for the peak (wrk when installed: apt install wrk)",
+    )
+    parser.add_argument("--transports", nargs="+", default=["notificationhubs", "apns", "fcm"])
+    a = parser.parse_args()
+    if a.quick:
+        a.identities, a.seconds = 10_000, 4.0
+    results = asyncio.run(run(a))
+    if len(a.transports) < 3:
+        return 0
+    return report(results, a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
