@@ -155,6 +155,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
                         "RINGRELAY_LOG_LEVEL": "WARNING",
                         **env,
                     },
+                    work / f"ringrelay-{name}-{devices}.log",
                 )
                 procs.append(proc)
                 url = f"http://127.0.0.1:{port}"
@@ -170,6 +171,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
                     pids,
                 )
                 result["transport"] = name
+                result["log"] = str(work / f"ringrelay-{name}-{devices}.log")
                 results.append(result)
                 print_row(result)
                 proc.terminate()

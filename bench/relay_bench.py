@@ -93,11 +93,15 @@ async def seed(path: Path, identities: int, devices: int, platform: Platform | N
     await store.close()
 
 
-def spawn(cmd: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(
+    cmd: list[str], core: int, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[str]:
+    """Start a process pinned to `core`. A server logs to `log`: a pipe nobody reads would fill
+    and block its event loop at the first burst of warnings."""
     return subprocess.Popen(
         ["taskset", "-c", str(core), *cmd],
         env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
+        stdout=log.open("w") if log is not None else subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -108,7 +112,7 @@ async def wait_ready(url: str, proc: subprocess.Popen[str], seconds: float = 30)
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{url} died: {proc.stdout.read() if proc.stdout else ''}")
+                raise RuntimeError(f"{url} died (see its log)")
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.post(f"{url}/api/events", data=b"[]") as resp:
                     if resp.status == 200:
@@ -443,7 +447,7 @@ async def run(a: Any) -> list[dict]:
                         "system" if name == "sample-style" else "ca-only",
                     ]
                     env = {}
-                proc = spawn(cmd, SERVER_CORE, env)
+                proc = spawn(cmd, SERVER_CORE, env, work / f"{name}-{devices}.log")
                 procs.append(proc)
                 url = f"http://127.0.0.1:{port}"
                 await wait_ready(url, proc)

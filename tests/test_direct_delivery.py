@@ -533,3 +533,21 @@ async def test_in_flight_limit_fails_excess_pushes_fast(
     assert any("overloaded" in o["reason"] for o in result), result
     # One push at a time reached Apple: one per 3 s timeout inside the 5 s ring.
     assert 1 <= len(fake_apns.pushes) <= 2
+
+
+async def test_apns_unusable_connection_is_replaced(
+    http, make_server, direct_settings, fake_apns: FakeAPNs
+) -> None:
+    """503 ServiceUnavailable (and TooManyProviderTokenUpdates): Apple says to continue on a new
+    connection; the old one takes no new pushes."""
+    server = make_server(**direct_settings(fcm=False))
+    olga = acs_id("olga-503")
+    await register(http, server, olga, "iphone")
+    code, body, _ = await call(http, server, olga)
+    opened = fake_apns.connections_opened
+    fake_apns.respond(503, "ServiceUnavailable")
+    code, body, _ = await call(http, server, olga)
+    assert code == 200 and outcomes(body)["iphone"]["attempts"] == 2
+    assert fake_apns.connections_opened == opened + 1
+    [first, second] = list(fake_apns.pushes)[:2][::-1]
+    assert first["connection"] != second["connection"]

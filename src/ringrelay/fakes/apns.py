@@ -86,8 +86,6 @@ class _Key:
     key_id: str
     public_key: Any
     bundle_ids: set[str]
-    last_token: str = ""
-    last_token_at: float = 0.0
 
 
 @dataclass
@@ -185,12 +183,12 @@ class FakeAPNs:
         self._script.clear()
         self._unregistered.clear()
         self._verified.clear()
-        for key in self._keys.values():
-            key.last_token, key.last_token_at = "", 0.0
 
     # --- checks ----------------------------------------------------------------------------
 
-    def _provider_token_error(self, authorization: bytes | None) -> tuple[int, str] | None:
+    def _provider_token_error(
+        self, authorization: bytes | None, conn: _Connection | None
+    ) -> tuple[int, str] | None:
         if not authorization:
             return 403, "MissingProviderToken"
         scheme, _, token = authorization.decode("latin-1").partition(" ")
@@ -215,18 +213,21 @@ class FakeAPNs:
                 return 403, "InvalidProviderToken"
             if claims.get("iss") != key.team_id or not isinstance(claims.get("iat"), int):
                 return 403, "InvalidProviderToken"
-            if (
-                self.check_token_renewal
-                and key.last_token
-                and now - key.last_token_at < self.min_token_renewal_seconds
-            ):
-                # A new token for the same key too soon after the previous one.
-                return 429, "TooManyProviderTokenUpdates"
-            key.last_token, key.last_token_at = token, now
             known = (key, int(claims["iat"]))
             self._verified[token] = known
             self.provider_tokens.add(token)
         key, iat = known
+        if conn is not None and conn.token != token:
+            # A connection whose token changes again within 20 minutes "will be unusable until
+            # enough time has passed" (Apple Developer Forums 675879): judged per connection, so
+            # a restart or a second instance with its own fresh token is fine.
+            if (
+                self.check_token_renewal
+                and conn.token
+                and now - conn.token_at < self.min_token_renewal_seconds
+            ):
+                return 429, "TooManyProviderTokenUpdates"
+            conn.token, conn.token_at = token, now
         if iat > now + 60:
             return 403, "InvalidProviderToken"
         if now - iat > TOKEN_MAX_AGE:
@@ -234,7 +235,7 @@ class FakeAPNs:
         return None
 
     def handle(
-        self, headers: list[tuple[bytes, bytes]], body: bytes, conn_id: int
+        self, headers: list[tuple[bytes, bytes]], body: bytes, conn: _Connection | None = None
     ) -> tuple[int, dict[str, Any] | None, str, float]:
         """Judge one request: (status, error body or None, apns-id, delay)."""
         values: dict[bytes, bytes] = {}
@@ -262,7 +263,7 @@ class FakeAPNs:
             return error(400, "BadDeviceToken")
         if b"apns-id" in values and not UUID.match(values[b"apns-id"]):
             return error(400, "BadMessageId")
-        problem = self._provider_token_error(values.get(b"authorization"))
+        problem = self._provider_token_error(values.get(b"authorization"), conn)
         if problem is not None:
             return error(*problem)
         key, _ = self._verified[values[b"authorization"].decode("latin-1").partition(" ")[2]]
@@ -331,7 +332,7 @@ class FakeAPNs:
                     "apns_id": apns_id,
                     "topic": topic,
                     "push_type": push_type,
-                    "connection": conn_id,
+                    "connection": conn.id if conn is not None else 0,
                     "received_at": time.time(),
                     "status": status,
                     "expired": bool(
@@ -363,6 +364,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
         self.highest_stream = 0
+        self.token = ""  # the provider token this connection last used, and since when
+        self.token_at = 0.0
         _Connection._ids += 1
         self.id = _Connection._ids
 
@@ -412,7 +415,7 @@ class _Connection(asyncio.Protocol):
         if dict(headers).get(b":path", b"").startswith(b"/_fake/pushes"):
             self._send(stream_id, 200, {"pushes": self.fake.listing()}, "")
             return
-        status, answer, apns_id, delay = self.fake.handle(headers, body, self.id)
+        status, answer, apns_id, delay = self.fake.handle(headers, body, self)
         if delay > 0:
             asyncio.get_running_loop().call_later(
                 delay, self._send, stream_id, status, answer, apns_id

@@ -116,6 +116,16 @@ _REASONS: dict[str, ApnsOutcome] = {
 }
 
 
+# Apple: after these the connection is unusable (TooManyProviderTokenUpdates), shutting down
+# (503), or tied to another key (UnrelatedKeyIdInToken): continue on a new connection.
+_NEW_CONNECTION_REASONS = (
+    "TooManyProviderTokenUpdates",
+    "ServiceUnavailable",
+    "Shutdown",
+    "UnrelatedKeyIdInToken",
+)
+
+
 def classify(status: int, body: bytes, apns_id: str) -> tuple[PushResult, float | None]:
     """APNs answer -> result; also returns the 410 timestamp (unix seconds) when there is one."""
     if status == 200:
@@ -259,6 +269,8 @@ class ApnsProvider:
                 if self.token.renew_if_allowed(time.time()):
                     continue  # once, with a fresh token
                 result.reason += " (token is under 20 minutes old: check this server's clock)"
+            if result.reason.endswith(_NEW_CONNECTION_REASONS) and response.connection:
+                response.connection.retire()  # the retry goes out on a fresh connection
             if result.status is DeliveryStatus.TRANSIENT:
                 result.retry_after = parse_retry_after(
                     response.headers.get(b"retry-after", b"").decode() or None

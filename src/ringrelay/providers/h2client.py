@@ -57,6 +57,7 @@ class H2Response:
     status: int
     headers: dict[bytes, bytes]
     body: bytes
+    connection: H2Connection | None = None  # which connection answered (to retire it)
 
 
 @dataclass(slots=True)
@@ -162,7 +163,7 @@ class H2Connection(asyncio.Protocol):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None and not stream.future.done():
                 stream.future.set_result(
-                    H2Response(stream.status, stream.headers, bytes(stream.body))
+                    H2Response(stream.status, stream.headers, bytes(stream.body), self)
                 )
             self._stream_closed()
         elif isinstance(event, h2.events.StreamReset):
@@ -291,6 +292,14 @@ class H2Connection(asyncio.Protocol):
             return False
 
     # --- closing -----------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Take no new streams; close once the open ones are answered (the server said this
+        connection is unusable, e.g. APNs' TooManyProviderTokenUpdates or Shutdown)."""
+        self.going_away = True
+        if not self.streams:
+            self.close()
+        self.pool._capacity_changed()
 
     def close(self) -> None:
         if self.closed:
