@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -26,13 +27,16 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.upper().startswith(("RINGRELAY_", "ANH"))}
 
 
-def serve(port: int, cwd: object, env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
-    """`ringrelay serve` as a user starts it, output captured."""
+def serve(
+    port: int, cwd: object, env: dict[str, str], *extra: str, log: Path | None = None
+) -> subprocess.Popen[str]:
+    """`ringrelay serve` as a user starts it, output captured: in a pipe for short tests, in
+    `log` for long ones (a pipe nobody reads fills up and blocks the server's event loop)."""
     return subprocess.Popen(
         [*RINGRELAY, "serve", "--port", str(port), *extra],
         cwd=cwd,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("w") if log is not None else subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -210,3 +214,70 @@ async def test_sigterm_lets_in_flight_deliveries_finish(tmp_path, fake_nh, nh_se
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _start_fake(args: list[str], cwd: object) -> subprocess.Popen[str]:
+    """`ringrelay fake ...`; returns once it has printed its configuration."""
+    proc = subprocess.Popen(
+        [*RINGRELAY, "fake", *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("received pushes"):
+            return proc
+    raise RuntimeError(f"fake did not start: {proc.wait(timeout=5)}")
+
+
+def test_fake_apns_and_fcm_commands_run_the_whole_path_on_a_laptop(tmp_path) -> None:
+    """What the README tells a developer: start the fakes, use the config they write, register
+    an iPhone and an Android phone, simulate a call: both fakes accept a checked push."""
+    fakes = [
+        _start_fake(["apns", "--port", str(free_port()), "--tls-dir", "fake"], tmp_path),
+        _start_fake(["fcm", "--port", str(free_port()), "--tls-dir", "fake"], tmp_path),
+    ]
+    try:
+        config = tmp_path / "ringrelay.toml"
+        config.write_text(
+            (tmp_path / "fake" / "apns.toml").read_text()
+            + (tmp_path / "fake" / "fcm.toml").read_text()
+        )
+        port = free_port()
+        proc = serve(port, tmp_path, clean_env(), "--config", str(config))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        callee = acs_id("laptop")
+        for device, body in (
+            ("iphone", b'{"platform": "apns", "token": "' + b"cd" * 32 + b'"}'),
+            ("pixel", b'{"platform": "fcm", "token": "fcm-laptop-token:APA91b"}'),
+        ):
+            req = urllib.request.Request(
+                f"{url}/v1/identities/{callee}/devices/{device}",
+                data=body,
+                method="PUT",
+                headers={"Content-Type": "application/json"},
+            )
+            assert urllib.request.urlopen(req).status == 201
+        out = subprocess.run(
+            [*RINGRELAY, "simulate", "incoming-call", "--to", callee, "--server", url],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "devices found: 2, pushes accepted: 2" in out.stdout
+        assert "iphone [apns] accepted via apns" in out.stdout
+        assert "pixel [fcm] accepted via fcm" in out.stdout
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=10)
+        assert "delivery: APNs sandbox (com.example.calling" in stdout
+        assert "FCM v1 (project example-calling" in stdout
+    finally:
+        for fake in fakes:
+            fake.terminate()
+            fake.wait(timeout=10)

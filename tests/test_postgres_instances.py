@@ -4,9 +4,11 @@ once rings each device exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -19,30 +21,46 @@ from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
 ROUNDS = 100
 
 
-@pytest.fixture
-async def two_instances(tmp_path):
+@contextlib.asynccontextmanager
+async def pg_instances(
+    tmp_path, count: int = 2, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[list[str], list[subprocess.Popen[str]], str]]:
+    """`count` `ringrelay serve` processes sharing a fresh PostgreSQL schema."""
     schema = f"rr_test_{uuid.uuid4().hex[:12]}"
     await _postgres_store(schema)  # creates the schema, or skips/fails as the suite says
     url = f"{PG_URL}?search_path={schema}"
     procs, urls = [], []
-    for _ in range(2):
+    for _ in range(count):
         port = free_port()
         proc = serve(
             port,
             tmp_path,
-            clean_env() | {"RINGRELAY_DATABASE_URL": url, "RINGRELAY_LOG_LEVEL": "WARNING"},
+            clean_env()
+            | {"RINGRELAY_DATABASE_URL": url, "RINGRELAY_LOG_LEVEL": "WARNING"}
+            | (env or {}),
+            log=tmp_path / f"ringrelay-{port}.log",
         )
         procs.append(proc)
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for u, p in zip(urls, procs, strict=True):
             wait_healthy(u, p)
-        yield urls, procs
+        yield urls, procs, url
     finally:
         for p in procs:
             p.terminate()
-            p.wait(timeout=10)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()  # its open connections must not hold the schema's locks
+                p.wait(timeout=5)
         await _drop_schema(schema)
+
+
+@pytest.fixture
+async def two_instances(tmp_path):
+    async with pg_instances(tmp_path) as (urls, procs, _):
+        yield urls, procs
 
 
 async def test_db_upgrade_command(tmp_path) -> None:

@@ -54,9 +54,12 @@ async def _postgres_store(schema: str) -> Any:
 async def _drop_schema(schema: str) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(PG_URL)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    await conn.close()
+    conn = await asyncpg.connect(PG_URL, timeout=10)
+    try:
+        # Bounded: a lock held by a stuck process must fail the test, not hang the suite.
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', timeout=30)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

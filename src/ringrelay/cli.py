@@ -235,9 +235,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _fake(args: argparse.Namespace) -> int:
-    from ringrelay.fakes.notificationhubs import run_forever
+    if args.provider == "apns":
+        from ringrelay.fakes import apns
 
-    asyncio.run(run_forever(args.host, args.port, args.tls_dir, args.hub, args.key))
+        asyncio.run(
+            apns.run_forever(args.host, args.port, args.tls_dir, args.bundle_id, args.team_id)
+        )
+    elif args.provider == "fcm":
+        from ringrelay.fakes import fcm
+
+        asyncio.run(fcm.run_forever(args.host, args.port, args.tls_dir, args.project))
+    else:
+        from ringrelay.fakes import notificationhubs
+
+        asyncio.run(
+            notificationhubs.run_forever(args.host, args.port, args.tls_dir, args.hub, args.key)
+        )
     return 0
 
 
@@ -307,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     nh.add_argument("--hub", default="ringrelay")
     nh.add_argument("--key", default="ringrelay-fake-key")
     nh.set_defaults(func=_fake)
+    apns = fake_sub.add_parser("apns", help="fake APNs (HTTP/2 over TLS, JWT checked)")
+    apns.add_argument("--host", default="127.0.0.1")
+    apns.add_argument("--port", type=int, default=9444)
+    apns.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="CA, key and config")
+    apns.add_argument("--bundle-id", default="com.example.calling")
+    apns.add_argument("--team-id", default="FAKETEAM01")
+    apns.set_defaults(func=_fake)
+    fcm = fake_sub.add_parser("fcm", help="fake FCM HTTP v1 with its OAuth token endpoint")
+    fcm.add_argument("--host", default="127.0.0.1")
+    fcm.add_argument("--port", type=int, default=9445)
+    fcm.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="CA, account and config")
+    fcm.add_argument("--project", default="example-calling")
+    fcm.set_defaults(func=_fake)
     return parser
 
 

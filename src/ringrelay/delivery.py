@@ -275,8 +275,24 @@ class Dispatcher:
         report.deliveries = [*outcomes, *claim.settled, *claim.busy]
         record.status = report.status
         record.reason = report.reason
-        await self.store.settle_deliveries(record, outcomes, time.time())
+        await self._settle(record, outcomes, deadline)
         return report
+
+    async def _settle(
+        self, record: EventRecord, outcomes: list[DeliveryOutcome], deadline: float
+    ) -> None:
+        """Record the outcomes; the pushes are already out, so a write that fails (a database
+        connection dropped) is tried again: an unrecorded push would be pushed again by Event
+        Grid's redelivery once its claim's lease ends."""
+        for pause in (0.05, 0.25, None):
+            try:
+                await self.store.settle_deliveries(record, outcomes, time.time())
+                return
+            except Exception:
+                if pause is None or time.time() + pause >= deadline + 2:
+                    raise
+                log.warning("recording outcomes of event %s failed; retrying", record.event_id)
+                await asyncio.sleep(pause)
 
     def _outcome(
         self,

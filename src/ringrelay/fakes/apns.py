@@ -458,3 +458,29 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+async def run_forever(host: str, port: int, tls_dir: str, bundle_id: str, team_id: str) -> None:
+    """`ringrelay fake apns`: a fake APNs with a fresh signing key, and the config that uses it."""
+    key_id = "FAKEKEY001"
+    folder = Path(tls_dir)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
+    key_file = (folder / f"AuthKey_{key_id}.p8").resolve()
+    fake = FakeAPNs(capacity=1000)
+    fake.add_key(team_id, key_id, write_signing_key(key_file), {bundle_id})
+    url = await fake.start(host, port, tls_dir)
+    ca_file = make_test_certificates(tls_dir).ca_file.resolve()
+    config = (
+        f'[[apns]]\nbundle_id = "{bundle_id}"\nteam_id = "{team_id}"\nkey_id = "{key_id}"\n'
+        f'key_file = "{key_file}"\nenvironment = "sandbox"\nendpoint = "{url}"\n'
+        f'ca_file = "{ca_file}"\n'
+    )
+    (folder / "apns.toml").write_text(config)
+    print(
+        f"fake APNs (HTTP/2 over TLS) on {url}, topic {bundle_id}.voip\n"
+        f"add this to ringrelay's TOML config (also written to {folder / 'apns.toml'}):\n\n"
+        f"{config}\n"
+        f"received pushes: curl --http2 --cacert {ca_file} {url}/_fake/pushes",
+        flush=True,
+    )
+    await asyncio.Event().wait()

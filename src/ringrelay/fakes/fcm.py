@@ -374,3 +374,28 @@ class FakeFCM:
             field_violation=spec.get("field_violation"),
         )
         return web.Response(status=204)
+
+
+async def run_forever(host: str, port: int, tls_dir: str, project_id: str) -> None:
+    """`ringrelay fake fcm`: a fake FCM + token endpoint, a service account it trusts, and the
+    config that uses them."""
+    folder = Path(tls_dir)
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
+    fake = FakeFCM(capacity=1000)
+    url = await fake.start(host, port, tls_dir)
+    account = (folder / f"{project_id}-service-account.json").resolve()
+    write_service_account(account, project_id, fake.token_uri)
+    fake.trust_service_account(account)
+    ca_file = make_test_certificates(tls_dir).ca_file.resolve()
+    config = (
+        f'[[fcm]]\nservice_account_file = "{account}"\nendpoint = "{url}"\nca_file = "{ca_file}"\n'
+    )
+    (folder / "fcm.toml").write_text(config)
+    print(
+        f"fake FCM HTTP v1 on {url} (project {project_id}, OAuth at {fake.token_uri})\n"
+        f"add this to ringrelay's TOML config (also written to {folder / 'fcm.toml'}):\n\n"
+        f"{config}\n"
+        f"received pushes: curl --cacert {ca_file} {url}/_fake/pushes",
+        flush=True,
+    )
+    await asyncio.Event().wait()
