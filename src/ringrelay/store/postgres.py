@@ -158,8 +158,18 @@ async def migrate(conn: asyncpg.Connection) -> int:
         return len(MIGRATIONS)
 
 
+async def _release_connection(conn: asyncpg.Connection) -> None:
+    """What to undo when a connection goes back to the pool. asyncpg's default runs
+    `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every release: one more round
+    trip per query, 8.5 % of the relay's CPU under load (py-spy). ringrelay leaves no session
+    state (transaction-level advisory locks only, no LISTEN, no SET), so only a transaction
+    abandoned by a cancelled request needs undoing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresStore:
-    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 10) -> None:
+    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 20) -> None:
         self.dsn = dsn
         host = dsn.split("@", 1)[-1].split("?", 1)[0]  # never the password
         self.description = f"PostgreSQL ({host})"
@@ -181,6 +191,7 @@ class PostgresStore:
             max_size=self._max_size,
             server_settings=self.server_settings or None,
             command_timeout=10,
+            reset=_release_connection,
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
@@ -349,13 +360,19 @@ class PostgresStore:
 
     # --- ledger -----------------------------------------------------------------------------
 
+    # The event's row is written by a CTE in the same statement as the deliveries: one round
+    # trip and one commit per step. (Separate statements in a transaction cost ~2.7 ms of relay
+    # CPU per event in asyncpg round trips; measured 339 events/s against ~1,000 on SQLite.)
+    _UPSERT_EVENT = (
+        "INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
+        "recipient, received_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+        "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
+        "reason = excluded.reason, updated_at = excluded.updated_at"
+    )
+
     @staticmethod
-    async def _upsert_event(conn: asyncpg.Connection, event: EventRecord, now: float) -> None:
-        await conn.execute(
-            "INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
-            "recipient, received_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-            "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
-            "reason = excluded.reason, updated_at = excluded.updated_at",
+    def _event_values(event: EventRecord, now: float) -> tuple[Any, ...]:
+        return (
             event.event_id,
             event.event_type,
             event.status.value,
@@ -373,76 +390,75 @@ class PostgresStore:
         if not targets:
             return claim
         by_key = {(r.identity, r.device_id): r for r in targets}
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self._upsert_event(conn, event, now)
-            taken = await conn.fetch(
-                "INSERT INTO deliveries (event_id, identity, device_id, platform, "
-                "token_fingerprint, status, attempts, lease_until, updated_at) "
-                "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $2, $3 "
-                "FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) "
-                "AS t(identity, device_id, platform, fp) "
-                "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
-                "status = 'in_flight', lease_until = excluded.lease_until, "
-                "updated_at = excluded.updated_at "
-                "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
-                "AND deliveries.lease_until <= $3) "
-                "RETURNING identity, device_id, attempts",
-                event.event_id,
-                lease_until,
-                now,
-                [r.identity for r in targets],
-                [r.device_id for r in targets],
-                [r.platform.value for r in targets],
-                [fingerprint(r.token) for r in targets],
-            )
-            for row in taken:
-                key = (row[0], row[1])
-                claim.to_send.append(by_key[key])
-                if row[2]:
-                    claim.attempts[key] = int(row[2])
+        # One statement, so atomic: the event row and the claims of every device not settled
+        # nor leased by a live claim (ON CONFLICT serialises two instances claiming at once).
+        taken = await self.pool.fetch(
+            f"WITH ev AS ({self._UPSERT_EVENT} RETURNING 1) "
+            "INSERT INTO deliveries (event_id, identity, device_id, platform, "
+            "token_fingerprint, status, attempts, lease_until, updated_at) "
+            "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $9, $8 "
+            "FROM unnest($10::text[], $11::text[], $12::text[], $13::text[]) "
+            "AS t(identity, device_id, platform, fp) "
+            "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
+            "status = 'in_flight', lease_until = excluded.lease_until, "
+            "updated_at = excluded.updated_at "
+            "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
+            "AND deliveries.lease_until <= $8) "
+            "RETURNING identity, device_id, attempts",
+            *self._event_values(event, now),
+            lease_until,
+            [r.identity for r in targets],
+            [r.device_id for r in targets],
+            [r.platform.value for r in targets],
+            [fingerprint(r.token) for r in targets],
+        )
+        for row in taken:
+            key = (row[0], row[1])
+            claim.to_send.append(by_key[key])
+            if row[2]:
+                claim.attempts[key] = int(row[2])
+        if len(claim.to_send) < len(targets):
+            # Seen before (a redelivery, or another instance has it): read who holds what.
             got = {(r.identity, r.device_id) for r in claim.to_send}
-            if len(got) < len(targets):
-                rows = await conn.fetch(
-                    f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1",
-                    event.event_id,
-                )
-                for row in rows:
-                    key = (row[0], row[1])
-                    if key not in by_key or key in got:
-                        continue
-                    outcome = _outcome(row)
-                    (claim.settled if outcome.status.settled else claim.busy).append(outcome)
+            rows = await self.pool.fetch(
+                f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1", event.event_id
+            )
+            for row in rows:
+                key = (row[0], row[1])
+                if key not in by_key or key in got:
+                    continue
+                outcome = _outcome(row)
+                (claim.settled if outcome.status.settled else claim.busy).append(outcome)
         return claim
 
     async def settle_deliveries(
         self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
     ) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self._upsert_event(conn, event, now)
-            if outcomes:
-                await conn.execute(
-                    "UPDATE deliveries AS d SET status = o.status, reason = o.reason, "
-                    "attempts = o.attempts, provider = o.provider, provider_ref = o.ref, "
-                    "lease_until = NULL, updated_at = $2 "
-                    "FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], "
-                    "$8::text[], $9::text[]) "
-                    "AS o(identity, device_id, status, reason, attempts, provider, ref) "
-                    "WHERE d.event_id = $1 AND d.identity = o.identity "
-                    "AND d.device_id = o.device_id",
-                    event.event_id,
-                    now,
-                    [o.identity for o in outcomes],
-                    [o.device_id for o in outcomes],
-                    [o.status.value for o in outcomes],
-                    [o.reason for o in outcomes],
-                    [o.attempts for o in outcomes],
-                    [o.provider for o in outcomes],
-                    [o.provider_ref for o in outcomes],
-                )
+        if not outcomes:
+            await self.record_event(event, now)
+            return
+        await self.pool.execute(
+            f"WITH ev AS ({self._UPSERT_EVENT} RETURNING 1) "
+            "UPDATE deliveries AS d SET status = o.status, reason = o.reason, "
+            "attempts = o.attempts, provider = o.provider, provider_ref = o.ref, "
+            "lease_until = NULL, updated_at = $8 "
+            "FROM unnest($9::text[], $10::text[], $11::text[], $12::text[], $13::int[], "
+            "$14::text[], $15::text[]) "
+            "AS o(identity, device_id, status, reason, attempts, provider, ref) "
+            "WHERE d.event_id = $1 AND d.identity = o.identity "
+            "AND d.device_id = o.device_id",
+            *self._event_values(event, now),
+            [o.identity for o in outcomes],
+            [o.device_id for o in outcomes],
+            [o.status.value for o in outcomes],
+            [o.reason for o in outcomes],
+            [o.attempts for o in outcomes],
+            [o.provider for o in outcomes],
+            [o.provider_ref for o in outcomes],
+        )
 
     async def record_event(self, event: EventRecord, now: float) -> None:
-        async with self.pool.acquire() as conn:
-            await self._upsert_event(conn, event, now)
+        await self.pool.execute(self._UPSERT_EVENT, *self._event_values(event, now))
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
         async with self.pool.acquire() as conn:
