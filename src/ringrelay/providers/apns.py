@@ -116,9 +116,11 @@ _REASONS: dict[str, ApnsOutcome] = {
 }
 
 
-# Apple: after these the connection is unusable (TooManyProviderTokenUpdates), shutting down
-# (503), or tied to another key (UnrelatedKeyIdInToken): continue on a new connection.
+# Apple: after these the connection is idle-closed (IdleTimeout), unusable
+# (TooManyProviderTokenUpdates), shutting down (503), or tied to another key
+# (UnrelatedKeyIdInToken): continue on a new connection.
 _NEW_CONNECTION_REASONS = (
+    "IdleTimeout",
     "TooManyProviderTokenUpdates",
     "ServiceUnavailable",
     "Shutdown",
