@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +135,29 @@ class Phase:
         return self.events / self.seconds if self.seconds else 0.0
 
 
-def make_bodies(count: int, identities: int) -> list[tuple[str, bytes]]:
+EVENT_TIME = b"@@EVENT_TIME@@"  # replaced at send time: a long run outlives the ring window
+
+
+def make_bodies(
+    count: int, identities: int, stamp_at_send: bool = False
+) -> list[tuple[str, bytes]]:
     out = []
     for _ in range(count):
         call_id = str(uuid.uuid4())
         event = incoming_call_event(
             f"8:acs:bench_{random.randrange(identities)}", correlation_id=call_id
         )
+        if stamp_at_send:
+            event["eventTime"] = EVENT_TIME.decode()
         out.append((call_id, orjson.dumps([event])))
     return out
+
+
+def stamped(body: bytes) -> bytes:
+    if EVENT_TIME not in body:
+        return body
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+    return body.replace(EVENT_TIME, now)
 
 
 async def closed_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, workers: int):
@@ -181,7 +196,7 @@ async def open_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, r
             phase.sent_at[call_id] = time.monotonic()
             try:
                 async with session.post(
-                    url, data=body, headers={"Content-Type": "application/json"}
+                    url, data=stamped(body), headers={"Content-Type": "application/json"}
                 ) as resp:
                     await resp.read()
                     phase.statuses[resp.status] += 1
@@ -224,7 +239,7 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 function request()
   counter = counter + 1
-  local call = "w" .. tid .. "-" .. counter
+  local call = "w%(run)s-" .. tid .. "-" .. counter
   local callee = "8:acs:bench_" .. math.random(0, identities - 1)
   local now = os.date("!%%Y-%%m-%%dT%%H:%%M:%%SZ")
   local out = {}
@@ -240,7 +255,7 @@ end
 """
 
 
-def wrk_script(identities: int) -> str:
+def wrk_script(identities: int, run: str) -> str:
     """A wrk script posting deliveries shaped like make_bodies' (unique ids, random callee)."""
     event = incoming_call_event("8:acs:@@R@@", event_id="@@C@@", correlation_id="@@C@@")
     event["eventTime"] = "@@T@@"
@@ -251,14 +266,17 @@ def wrk_script(identities: int) -> str:
         "parts": ", ".join(f"[==[{p}]==]" for p in parts),
         "kinds": ", ".join(f'"{k}"' for k in kinds),
         "identities": identities,
+        "run": run,
     }
 
 
 async def wrk_closed_loop(url: str, seconds: float, connections: int, identities: int) -> Phase:
     """The peak through wrk (C, one thread on the load core): the Python load generator saturates
     its core near 2,800 requests/s, before the relay under test does."""
+    # Call ids carry a run tag: pushes of a previous run's last requests may still arrive.
+    run = uuid.uuid4().hex[:8]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(wrk_script(identities))
+        script.write(wrk_script(identities, run))
     cmd = ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{connections}"]
     cmd += [f"-d{seconds:.0f}s", "--timeout", "30s", "-s", script.name, url]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE)
@@ -267,7 +285,7 @@ async def wrk_closed_loop(url: str, seconds: float, connections: int, identities
     total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
     if total is None:
         raise RuntimeError(f"unexpected wrk output: {out}")
-    phase = Phase("wrk")
+    phase = Phase(f"w{run}-")
     phase.events = int(total.group(1))
     phase.seconds = float(total.group(2)) * (0.001 if total.group(3) == "ms" else 1)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -285,7 +303,7 @@ def wrk_receipt_check(phase: Phase, got: list[tuple[str, float]], devices: int) 
     no call id may have more pushes than devices."""
     per_call: dict[str, int] = defaultdict(int)
     for call_id, _ in got:
-        if call_id.startswith("w"):
+        if call_id.startswith(phase.label):  # this run's ids only
             per_call[call_id] += 1
     complete = sum(1 for n in per_call.values() if n == devices)
     partial = sum(1 for n in per_call.values() if n < devices)

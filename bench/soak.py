@@ -221,7 +221,7 @@ async def run(a: Any) -> int:
             f"({a.identities:,} callees, 1 device each)",
             flush=True,
         )
-        bodies = make_bodies(int(rate * a.seconds) + 100, a.identities)
+        bodies = make_bodies(int(rate * a.seconds) + 100, a.identities, stamp_at_send=True)
         halves = [bodies[0::2], bodies[1::2]]
         phases = await asyncio.gather(
             *(
