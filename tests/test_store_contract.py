@@ -214,6 +214,43 @@ async def test_bulk_insert(store: Store) -> None:
     assert len(await store.push_targets("8:acs:r_299", PushKind.VOIP, NOW)) == 1
 
 
+async def test_claim_callee_looks_up_and_claims_in_one_step(store: Store) -> None:
+    a, b = reg(device="a", token="0a" * 32), reg(device="b", token="0b" * 32)
+    expired = reg(device="old", token="0c" * 32, expires_at=NOW - 1)
+    alert = reg(device="chat", token="0d" * 32, push_kind=PushKind.ALERT)
+    for r in (a, b, expired, alert):
+        await store.upsert_registration(r)
+
+    targets, claim = await store.claim_callee(
+        event("cc-1"), a.identity, PushKind.VOIP, NOW, NOW + 30
+    )
+    assert sorted(t.device_id for t in targets) == ["a", "b"]  # live VoIP registrations only
+    assert sorted(t.device_id for t in claim.to_send) == ["a", "b"]
+
+    # A redelivery while the first is in flight: nothing to send, both busy.
+    targets, again = await store.claim_callee(
+        event("cc-1"), a.identity, PushKind.VOIP, NOW + 1, NOW + 31
+    )
+    assert len(targets) == 2 and again.to_send == [] and len(again.busy) == 2
+
+    # Settled (with the token's fingerprint), then redelivered: settled, never re-sent.
+    done = [outcome(a, DeliveryStatus.ACCEPTED), outcome(b, DeliveryStatus.TRANSIENT)]
+    await store.settle_deliveries(event("cc-1", EventStatus.PENDING), done, NOW + 2)
+    _, retry = await store.claim_callee(event("cc-1"), a.identity, PushKind.VOIP, NOW + 3, NOW + 33)
+    assert [r.device_id for r in retry.to_send] == ["b"]  # only the transient one
+    assert [o.device_id for o in retry.settled] == ["a"]
+    assert retry.settled[0].token_fingerprint == "fp"
+    assert retry.attempts == {(b.identity, "b"): 1}
+
+    # Nobody registered: no targets, nothing recorded.
+    targets, none = await store.claim_callee(
+        event("cc-2"), "8:acs:r_nobody", PushKind.VOIP, NOW, NOW + 30
+    )
+    assert targets == [] and none.to_send == []
+    recorded = [e.event_id for e in await store.events_for_call("call-1")]
+    assert "cc-1" in recorded and "cc-2" not in recorded
+
+
 async def test_postgres_claims_are_exclusive_across_instances() -> None:
     """Two stores (two pools, as two instances) race for the same devices 50 times: every
     device is claimed exactly once each time."""
@@ -233,6 +270,19 @@ async def test_postgres_claims_are_exclusive_across_instances() -> None:
                 )
             )
             sent = [r.device_id for c in claims for r in c.to_send]
+            assert sorted(sent) == sorted(d.device_id for d in devices), n
+        # The same race through the one-statement lookup + claim.
+        for d in devices:
+            await first.upsert_registration(d)
+        for n in range(50):
+            ev = event(f"race-callee-{n}")
+            both = await asyncio.gather(
+                *(
+                    s.claim_callee(ev, devices[0].identity, PushKind.VOIP, NOW, NOW + 30)
+                    for s in (first, second, first, second)
+                )
+            )
+            sent = [r.device_id for _, c in both for r in c.to_send]
             assert sorted(sent) == sorted(d.device_id for d in devices), n
     finally:
         await first.close()

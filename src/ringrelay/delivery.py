@@ -232,19 +232,19 @@ class Dispatcher:
         )
         ring_ends_at = (event.time if event.time is not None else received_at) + self.ring_window
         now = time.time()
-        targets = await self.store.push_targets(call.recipient_id, PushKind.VOIP, now)
-        if not targets:
-            report.status = EventStatus.NO_DEVICES
-            report.reason = "no live VoIP registration for the callee"
-            await self._record(report, now)
-            return report
-
         record = EventRecord(
             event.id, event.type, EventStatus.PENDING, "", call.call_id, call.recipient_id, now
         )
         # The lease outlives this request's deadline a little, so a crashed process's claims are
         # taken over by the next delivery attempt, and a live one's are not.
-        claim = await self.store.claim_deliveries(record, targets, now, lease_until=deadline + 5)
+        targets, claim = await self.store.claim_callee(
+            record, call.recipient_id, PushKind.VOIP, now, lease_until=deadline + 5
+        )
+        if not targets:
+            report.status = EventStatus.NO_DEVICES
+            report.reason = "no live VoIP registration for the callee"
+            await self._record(report, now)
+            return report
 
         if now >= ring_ends_at:
             outcomes = [

@@ -99,6 +99,13 @@ class Store(Protocol):
         ...
 
     # ledger
+    async def claim_callee(
+        self, event: EventRecord, identity: str, kind: PushKind, now: float, lease_until: float
+    ) -> tuple[list[Registration], Claim]:
+        """`push_targets` then `claim_deliveries` for them, in one round trip where the backend
+        can; with no targets nothing is written."""
+        ...
+
     async def claim_deliveries(
         self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
     ) -> Claim:

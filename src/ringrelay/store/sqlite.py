@@ -466,6 +466,14 @@ class SQLiteStore:
             ),
         )
 
+    async def claim_callee(
+        self, event: EventRecord, identity: str, kind: PushKind, now: float, lease_until: float
+    ) -> tuple[list[Registration], Claim]:
+        targets = await self.push_targets(identity, kind, now)
+        if not targets:
+            return targets, Claim()
+        return targets, await self.claim_deliveries(event, targets, now, lease_until)
+
     async def claim_deliveries(
         self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
     ) -> Claim:
