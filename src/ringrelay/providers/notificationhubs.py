@@ -1,4 +1,4 @@
-"""Azure Notification Hubs Direct Send over one pooled aiohttp session.
+"""Azure Notification Hubs Direct Send over one pool of keep-alive connections (`http1.py`).
 
 Request shape: learn.microsoft.com/rest/api/notificationhubs/direct-send; SAS token:
 learn.microsoft.com/rest/api/notificationhubs/common-concepts (HMAC-SHA256 over the URL-encoded,
@@ -7,8 +7,8 @@ lower-cased resource URI, a newline and the expiry; the key is used as its UTF-8
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -16,9 +16,6 @@ import ssl
 import time
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
-
-import aiohttp
-import yarl
 
 from ringrelay.config import NotificationHubsConnection
 from ringrelay.models import DeliveryStatus, Platform
@@ -33,6 +30,7 @@ from ringrelay.payloads import (
     wns_raw_body,
 )
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+from ringrelay.providers.http1 import Http1Pool, HttpError
 
 log = logging.getLogger("ringrelay.notificationhubs")
 
@@ -84,9 +82,11 @@ class SasTokenCache:
         return self._token
 
 
-def _w3c_datetime(ts: float) -> str:
+@functools.lru_cache(maxsize=4)
+def _w3c_datetime(ts: int) -> str:
     # ServiceBusNotification-Apns-Expiry uses W3C DTF (send-apns-native-notification reference).
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
+    # Cached: every push of the same second shares the string.
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str], bytes]:
@@ -110,7 +110,7 @@ def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str],
                 "apns-push-type": "voip",
                 "apns-priority": "10",
                 "apns-expiration": str(int(request.expires_at)),
-                "ServiceBusNotification-Apns-Expiry": _w3c_datetime(request.expires_at),
+                "ServiceBusNotification-Apns-Expiry": _w3c_datetime(int(request.expires_at)),
                 "apns-id": request.push_id,
             }
         )
@@ -156,38 +156,42 @@ class NotificationHubsProvider:
         max_in_flight: int = 1000,
     ) -> None:
         self.max_in_flight = max_in_flight
-        # Parsed once: aiohttp would parse a string URL on every request.
-        self.url = yarl.URL(f"{messages_url}?direct&api-version={api_version}", encoded=True)
+        url = urlsplit(messages_url)
+        if url.scheme not in ("https", "http") or not url.hostname:
+            raise ValueError(f"Notification Hubs URL must be https://host/...: {messages_url}")
+        self.target = f"{url.path or '/'}?direct&api-version={api_version}"
         self.api_version = api_version
-        self.description = f"Notification Hubs ({urlsplit(messages_url).netloc})"
+        self.description = f"Notification Hubs ({url.netloc})"
         self.sas = SasTokenCache(conn, resource_uri, sas_ttl)
         self._timeout = timeout
+        self._host, self._port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        self._tls = url.scheme == "https"
         self._ca_file = ca_file
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
 
     def supports(self, platform: Platform) -> bool:
         return platform in FORMATS
 
     async def start(self) -> None:
-        ssl_ctx = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else True
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ssl=ssl_ctx, keepalive_timeout=60
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            cookie_jar=aiohttp.DummyCookieJar(),  # the hub sets none; skip the jar's work
-            auto_decompress=False,
+        ssl_ctx = None
+        if self._tls:
+            ssl_ctx = ssl.create_default_context(cafile=self._ca_file)
+        self._pool = Http1Pool(
+            self._host,
+            self._port,
+            ssl_ctx,
+            max_connections=self._max_connections,
+            connect_timeout=self._timeout,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def send(self, request: PushRequest) -> PushResult:
-        assert self._session is not None, "provider not started"
+        assert self._pool is not None, "provider not started"
         now = time.time()
         headers, body = build_direct_send(request, now)
         if (
@@ -202,24 +206,20 @@ class NotificationHubsProvider:
         headers["Authorization"] = self.sas.token(now)
         headers["x-ms-version"] = self.api_version
         try:
-            async with self._session.post(
-                self.url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=min(self._timeout, request.timeout)),
-            ) as resp:
-                status = resp.status
-                text = (await resp.text(errors="replace"))[:200] if status >= 300 else ""
-                location = resp.headers.get("Location")
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                tracking = resp.headers.get("TrackingId")
+            resp = await self._pool.request(
+                "POST", self.target, headers, body, min(self._timeout, request.timeout)
+            )
         except TimeoutError:
             return PushResult(DeliveryStatus.TRANSIENT, "timeout")
-        except aiohttp.ClientError as exc:
-            return PushResult(DeliveryStatus.TRANSIENT, f"connection error: {type(exc).__name__}")
-        except asyncio.CancelledError:
-            raise
-        return classify(status, text, retry_after, _notification_id(location) or tracking)
+        except HttpError as exc:
+            return PushResult(DeliveryStatus.TRANSIENT, f"connection error: {exc}")
+        except ValueError as exc:  # a header value with a line break: never sent
+            return PushResult(DeliveryStatus.REJECTED, str(exc))
+        status = resp.status
+        text = resp.body[:200].decode(errors="replace") if status >= 300 else ""
+        retry_after = parse_retry_after(resp.headers.get("retry-after"))
+        ref = _notification_id(resp.headers.get("location")) or resp.headers.get("trackingid")
+        return classify(status, text, retry_after, ref)
 
 
 def classify(status: int, text: str, retry_after: float | None, ref: str | None) -> PushResult:
