@@ -2,7 +2,8 @@
 
 Endpoint, body and error model from firebase.google.com/docs/reference/fcm/rest/v1/projects.messages
 and /docs/reference/fcm/rest/v1/ErrorCode (../shared/notes/protocols.md §4). HTTP/1.1 through the
-same pooled aiohttp client as Notification Hubs: FCM v1 has one message per request either way.
+same keep-alive pool (`http1.py`) as Notification Hubs: FCM v1 has one message per request
+either way.
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from datetime import UTC
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import urllib3
-import yarl
 from google.auth.exceptions import GoogleAuthError, RefreshError, TransportError
 from google.auth.transport.urllib3 import Request as Urllib3Request
 from google.oauth2 import service_account
@@ -27,6 +26,7 @@ from google.oauth2 import service_account
 from ringrelay.models import DeliveryStatus, Platform
 from ringrelay.payloads import FCM_MAX_BYTES, fcm_v1_message
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+from ringrelay.providers.http1 import Http1Pool, HttpError, pool_for
 
 log = logging.getLogger("ringrelay.fcm")
 
@@ -156,33 +156,34 @@ class FcmProvider:
         self.app_id = app_id
         self.project_id = str(info["project_id"])
         base = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
-        self.url = yarl.URL(f"{base}/v1/projects/{self.project_id}/messages:send")
-        self.description = f"FCM v1 (project {self.project_id} via {self.url.host})"
+        self.url = f"{base}/v1/projects/{self.project_id}/messages:send"
+        self.description = f"FCM v1 (project {self.project_id} via {urlsplit(base).netloc})"
         self.token = AccessToken(info, ca_file)
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self._ca_file = ca_file
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
+        self._target = ""
 
     def supports(self, platform: Platform) -> bool:
         return platform is Platform.FCM
 
     async def start(self) -> None:
-        ssl_ctx = ssl.create_default_context(cafile=self._ca_file) if self._ca_file else True
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_ctx),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            cookie_jar=aiohttp.DummyCookieJar(),
+        self._pool, self._target = pool_for(
+            self.url,
+            self._ca_file,
+            max_connections=self._max_connections,
+            connect_timeout=self.timeout,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def send(self, request: PushRequest) -> PushResult:
-        assert self._session is not None, "provider not started"
+        assert self._pool is not None, "provider not started"
         reg = request.registration
         body = fcm_v1_message(request.call, request.expires_at - time.time(), reg.token)
         data = body["message"]["data"]
@@ -201,23 +202,18 @@ class FcmProvider:
                 return PushResult(DeliveryStatus.CONFIG_ERROR, f"OAuth token refused: {exc}")
             except (TransportError, GoogleAuthError, OSError) as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, f"OAuth token endpoint: {exc}")
+            headers = {"Authorization": authorization, "Content-Type": "application/json"}
             try:
-                async with self._session.post(
-                    self.url,
-                    data=payload,
-                    headers={"Authorization": authorization, "Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=min(self.timeout, request.timeout)),
-                ) as resp:
-                    status = resp.status
-                    answer = await resp.read()
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                resp = await self._pool.request(
+                    "POST", self._target, headers, payload, min(self.timeout, request.timeout)
+                )
             except TimeoutError:
                 return PushResult(DeliveryStatus.TRANSIENT, "timeout")
-            except aiohttp.ClientError as exc:
-                return PushResult(
-                    DeliveryStatus.TRANSIENT, f"connection error: {type(exc).__name__}"
-                )
-            result = classify(status, answer, retry_after)
+            except HttpError as exc:
+                return PushResult(DeliveryStatus.TRANSIENT, f"connection error: {exc}")
+            status = resp.status
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            result = classify(status, resp.body, retry_after)
             # A 401 without an FCM error code is our access token (expired or revoked early):
             # refresh once and resend.
             if (

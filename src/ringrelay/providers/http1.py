@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -249,3 +250,25 @@ class Http1Pool:
         self._waiters.clear()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)  # let transports finish closing
+
+
+def pool_for(
+    url: str, ca_file: str | None, *, max_connections: int, connect_timeout: float
+) -> tuple[Http1Pool, str]:
+    """A pool for `url`'s origin (system trust store, or only `ca_file` when given) and the
+    request target (path and query) to use with it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"expected an https:// URL, got {url!r}")
+    tls = parts.scheme == "https"
+    ssl_ctx = ssl.create_default_context(cafile=ca_file) if tls else None
+    port = parts.port or (443 if tls else 80)
+    pool = Http1Pool(
+        parts.hostname,
+        port,
+        ssl_ctx,
+        max_connections=max_connections,
+        connect_timeout=connect_timeout,
+    )
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return pool, target

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import ssl
 import time
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
@@ -30,7 +29,7 @@ from ringrelay.payloads import (
     wns_raw_body,
 )
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
-from ringrelay.providers.http1 import Http1Pool, HttpError
+from ringrelay.providers.http1 import Http1Pool, HttpError, pool_for
 
 log = logging.getLogger("ringrelay.notificationhubs")
 
@@ -156,31 +155,23 @@ class NotificationHubsProvider:
         max_in_flight: int = 1000,
     ) -> None:
         self.max_in_flight = max_in_flight
-        url = urlsplit(messages_url)
-        if url.scheme not in ("https", "http") or not url.hostname:
-            raise ValueError(f"Notification Hubs URL must be https://host/...: {messages_url}")
-        self.target = f"{url.path or '/'}?direct&api-version={api_version}"
+        self.messages_url = f"{messages_url}?direct&api-version={api_version}"
         self.api_version = api_version
-        self.description = f"Notification Hubs ({url.netloc})"
+        self.description = f"Notification Hubs ({urlsplit(messages_url).netloc})"
         self.sas = SasTokenCache(conn, resource_uri, sas_ttl)
         self._timeout = timeout
-        self._host, self._port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-        self._tls = url.scheme == "https"
         self._ca_file = ca_file
         self._max_connections = max_connections
         self._pool: Http1Pool | None = None
+        self.target = ""
 
     def supports(self, platform: Platform) -> bool:
         return platform in FORMATS
 
     async def start(self) -> None:
-        ssl_ctx = None
-        if self._tls:
-            ssl_ctx = ssl.create_default_context(cafile=self._ca_file)
-        self._pool = Http1Pool(
-            self._host,
-            self._port,
-            ssl_ctx,
+        self._pool, self.target = pool_for(
+            self.messages_url,
+            self._ca_file,
             max_connections=self._max_connections,
             connect_timeout=self._timeout,
         )
