@@ -288,3 +288,101 @@ async def test_postgres_claims_are_exclusive_across_instances() -> None:
         await first.close()
         await second.close()
         await _drop_schema(schema)
+
+
+async def test_concurrent_events_claim_and_settle_independently(store: Store) -> None:
+    """Forty calls at once, one callee each (PostgreSQL writes them in shared statements): each
+    event claims its own callee's devices, a second delivery of one of them racing in the same
+    moment gets nothing, and every outcome lands on its own event."""
+    callees = [f"8:acs:r_many_{i}" for i in range(40)]
+    for i, identity in enumerate(callees):
+        await store.upsert_registration(reg(identity=identity, device="d", token=f"{i:064x}"))
+        await store.upsert_registration(reg(identity=identity, device="e", token=f"{i + 99:064x}"))
+
+    def ev(i: int) -> EventRecord:
+        return EventRecord(
+            f"many-{i}", "t", EventStatus.PENDING, "", f"call-many-{i}", callees[i], NOW
+        )
+
+    claims = await asyncio.gather(
+        *(store.claim_callee(ev(i), callees[i], PushKind.VOIP, NOW, NOW + 30) for i in range(40)),
+        store.claim_callee(ev(7), callees[7], PushKind.VOIP, NOW, NOW + 30),  # duplicate
+    )
+    for i, (targets, claim) in enumerate(claims[:40]):
+        assert {t.identity for t in targets} == {callees[i]}
+        if i != 7:
+            assert sorted(r.device_id for r in claim.to_send) == ["d", "e"], i
+    sent_7 = [r.device_id for _, c in (claims[7], claims[40]) for r in c.to_send]
+    assert sorted(sent_7) == ["d", "e"]  # one of the two deliveries got them, never both
+
+    statuses = [EventStatus.DELIVERED, EventStatus.FAILED]
+    await asyncio.gather(
+        *(
+            store.settle_deliveries(
+                replace(ev(i), status=statuses[i % 2]),
+                [
+                    outcome(t, DeliveryStatus.ACCEPTED, attempts=i + 1)
+                    for t in claims[i][1].to_send or claims[40][1].to_send
+                ],
+                NOW + 1,
+            )
+            for i in range(40)
+        )
+    )
+    for i in range(40):
+        (recorded,) = await store.events_for_call(f"call-many-{i}")
+        assert recorded.status is statuses[i % 2], i
+        assert [(d.device_id, d.attempts) for d in recorded.deliveries] == [
+            ("d", i + 1),
+            ("e", i + 1),
+        ], i
+
+
+async def test_postgres_concurrent_writes_share_statements() -> None:
+    """Group commit: 30 concurrent settles go out in a few statements, not 30."""
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    store = await _postgres_store(schema)
+    await store.open()
+    try:
+        await asyncio.gather(
+            *(store.record_event(event(f"gc-{i}", EventStatus.REJECTED), NOW) for i in range(30))
+        )
+        assert store.settles.requests == 30
+        assert store.settles.batches <= 5, store.settles.batches
+        assert len(await store.events_for_call("call-1")) == 30
+    finally:
+        await store.close()
+        await _drop_schema(schema)
+
+
+async def test_postgres_ledger_statements_stay_on_indexes_as_the_table_grows() -> None:
+    """The ledger's statements run on the store's own connections many times while `deliveries`
+    is small, then the table grows: the settle must still find its rows through the primary key.
+    (A generic plan cached while the table was small hash-joined against a sequential scan of the
+    whole ledger on every settle.)"""
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    store = await _postgres_store(schema)
+    await store.open()
+    try:
+        # SQL-level EXECUTE takes no protocol parameters: array literals of a 10-event batch.
+        events = [[f"x{i}" for i in range(10)], ["t"], ["pending"], ['""'], ["c"], ["r"]]
+        events += [[NOW], [NOW]]
+        outcomes = [[f"x{i}" for i in range(10)], ["r"], ["d"], ["accepted"], ['""'], [1]]
+        outcomes += [["p"], ["NULL"], ["fp"], [NOW]]
+        arrays = [",".join(map(str, column * (10 // len(column)))) for column in events + outcomes]
+        execute = "EXECUTE settle(" + ", ".join(f"'{{{a}}}'" for a in arrays) + ")"
+        async with store.pool.acquire() as conn:
+            await conn.execute(f"PREPARE settle AS {store._SETTLE_BATCH}")
+            for _ in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
+                await conn.execute(execute)
+            await conn.execute(
+                "INSERT INTO deliveries (event_id, identity, device_id, platform, "
+                "token_fingerprint, status, updated_at) SELECT 'e' || g, 'r', 'd', 'apns', '', "
+                "'accepted', 0 FROM generate_series(1, 50000) g"
+            )
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {execute}"))
+            await conn.execute("DEALLOCATE settle")
+        assert "deliveries_pkey" in plan and "Seq Scan on deliveries" not in plan, plan
+    finally:
+        await store.close()
+        await _drop_schema(schema)
