@@ -5,10 +5,11 @@ registered callees; afterwards every event's pushes are counted at the fake hub.
     python bench/soak.py --quick         # 60 s, 100,000 callees
 
 In the same run, first: the peak of one instance on SQLite and of one instance on PostgreSQL
-(wrk, closed loop, same fake hub), for the per-instance ratio. Then the soak: both instances
-behind an open-loop load at `--rate` events/s (default: 70 % of the SQLite instance's peak,
-split over the two), each server's RSS sampled every second. Prints events/s, p50/p99
-POST-to-receipt latency, errors, lost/duplicated pushes and memory, with PASS/FAIL.
+(wrk, closed loop, same fake hub), in alternating rounds, for the per-instance ratio. Then the
+soak: both instances behind an open-loop load at `--rate` events/s (default: 40 % of the
+PostgreSQL instance's peak, split over the two), each server's RSS sampled every second.
+Prints events/s, p50/p99 POST-to-receipt latency, errors, lost/duplicated pushes and memory,
+with PASS/FAIL.
 """
 
 from __future__ import annotations
@@ -180,30 +181,47 @@ async def run(a: Any) -> int:
         print(f"seeded PostgreSQL with {a.identities:,} callees in {took:.1f}s (COPY)", flush=True)
         pg_url = f"{PG}?search_path={schema}"
 
-        sqlite_peak = await peak(
-            "SQLite",
-            server_env(f"sqlite:///{db}", hub_port, certs.ca_file),
-            work,
-            hub_url,
-            certs.ca_file,
-            a,
-        )
-        pg_peak = await peak(
-            "PostgreSQL",
-            server_env(pg_url, hub_port, certs.ca_file),
-            work,
-            hub_url,
-            certs.ca_file,
-            a,
-        )
+        # The two backends take turns (SQLite, PostgreSQL, SQLite, ...): this VM's speed drifts
+        # by up to 1.5x within minutes, and alternating keeps the drift out of the ratio.
+        sqlite_runs: list[float] = []
+        pg_runs: list[float] = []
+        for _ in range(a.rounds):
+            sqlite_runs.append(
+                await peak(
+                    "SQLite",
+                    server_env(f"sqlite:///{db}", hub_port, certs.ca_file),
+                    work,
+                    hub_url,
+                    certs.ca_file,
+                    a,
+                )
+            )
+            pg_runs.append(
+                await peak(
+                    "PostgreSQL",
+                    server_env(pg_url, hub_port, certs.ca_file),
+                    work,
+                    hub_url,
+                    certs.ca_file,
+                    a,
+                )
+            )
+        sqlite_peak = sum(sqlite_runs) / len(sqlite_runs)
+        pg_peak = sum(pg_runs) / len(pg_runs)
         print(
-            f"PostgreSQL / SQLite, one instance's peak: {pg_peak / sqlite_peak:.0%} "
-            f"({pg_peak:,.0f} vs {sqlite_peak:,.0f} events/s)",
+            f"PostgreSQL / SQLite, one instance's peak (mean of {a.rounds} alternating rounds): "
+            f"{pg_peak / sqlite_peak:.0%} ({pg_peak:,.0f} vs {sqlite_peak:,.0f} events/s; "
+            "per round "
+            + ", ".join(f"{p / s_:.0%}" for p, s_ in zip(pg_runs, sqlite_runs, strict=True))
+            + ")",
             flush=True,
         )
         if a.peaks_only:
             return 0 if pg_peak >= 0.7 * sqlite_peak else 1
-        rate = a.rate or 0.7 * sqlite_peak
+        # Both instances share the two cores with PostgreSQL, the hub and a Python load
+        # generator, so the soak cannot offer each its peak: 40 % of one instance's PostgreSQL
+        # peak over both leaves room for all of them (at 800/s, p50 was already 0.3 s).
+        rate = a.rate or 0.4 * pg_peak
 
         urls, pids = [], []
         for n in range(2):
@@ -300,6 +318,7 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--peak-seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating peak rounds")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s over both instances")
     parser.add_argument("--quick", action="store_true", help="100,000 callees, 60 s")
     parser.add_argument(

@@ -222,3 +222,32 @@ async def test_hub_unreachable_is_transient(http, make_server, nh_settings) -> N
     assert status == 503
     delivery = body["events"][0]["deliveries"][0]
     assert delivery["status"] == "transient" and "connection" in delivery["reason"]
+
+
+async def test_past_the_concurrency_limit_deliveries_are_503_at_once(
+    http, make_server, nh_settings, fake_nh
+) -> None:
+    """Two deliveries hang at the hub; a third, past webhook_max_concurrent=2, is answered 503
+    without waiting (Event Grid retries it), and nothing of it is pushed or recorded; once the
+    first two are answered, the same delivery goes through."""
+    import asyncio
+
+    server = make_server(webhook_max_concurrent=2, **nh_settings)
+    await register(http, server, CALLEE, "phone")
+    fake_nh.respond(201, times=2, delay=1.5)
+    slow = [
+        asyncio.create_task(post_events(http, server, [incoming_call_event(CALLEE)]))
+        for _ in range(2)
+    ]
+    while sum(entry.times for entry in fake_nh.script) > 0:  # both reached the hub
+        await asyncio.sleep(0.02)
+    shed = incoming_call_event(CALLEE)
+    status, body = await post_events(http, server, [shed])
+    assert status == 503 and "overloaded" in body["error"]
+    assert [s for s, _ in await asyncio.gather(*slow)] == [200, 200]
+    async with http.get(f"{server.url}/v1/calls/{shed['data']['correlationId']}") as resp:
+        assert resp.status == 404  # nothing recorded for the shed delivery
+    status, _ = await post_events(http, server, [shed])  # Event Grid's retry
+    assert status == 200
+    async with http.get(f"{server.url}/metrics") as resp:
+        assert "ringrelay_webhook_shed_total 1.0" in await resp.text()

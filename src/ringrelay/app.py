@@ -127,6 +127,7 @@ class Relay:
     delivery_description: str
     guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    webhook_in_progress: int = 0  # deliveries being handled now (see webhook_max_concurrent)
 
 
 def make_relay(settings: Settings) -> Relay:

@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     # Event Grid waits 30 s for an answer (learn.microsoft.com azure/event-grid/delivery-and-retry);
     # stop retrying in-process early enough to answer before that.
     webhook_deadline_seconds: float = Field(default=20.0, gt=0, le=28)
+    # Deliveries handled at once per instance; past it the webhook answers 503 at once (Event
+    # Grid retries) instead of queueing work that would be answered too late for a ringing phone.
+    webhook_max_concurrent: int = Field(default=512, ge=1, le=100_000)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     delivery: Literal["auto", "sandbox", "notificationhubs"] = "auto"
     sandbox_capacity: int = Field(default=1000, ge=1, le=100_000)

@@ -16,6 +16,11 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.shed = Counter(
+            "ringrelay_webhook_shed",
+            "Deliveries answered 503 at once because webhook_max_concurrent were in progress",
+            registry=self.registry,
+        )
         self.events = Counter(
             "ringrelay_events",
             "Events received, by type and outcome",

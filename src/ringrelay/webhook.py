@@ -73,6 +73,22 @@ async def events_endpoint(request: Request) -> Response:
             headers["WebHook-Allowed-Rate"] = request.headers.get("webhook-request-rate") or "*"
         return Response(status_code=200, headers=headers)
 
+    if relay.webhook_in_progress >= relay.settings.webhook_max_concurrent:
+        relay.metrics.deliveries.labels("503").inc()
+        relay.metrics.shed.inc()
+        return _problem(
+            503,
+            f"overloaded: {relay.webhook_in_progress} deliveries in progress on this instance; "
+            "retry",
+        )
+    relay.webhook_in_progress += 1
+    try:
+        return await _handle_delivery(request, relay)
+    finally:
+        relay.webhook_in_progress -= 1
+
+
+async def _handle_delivery(request: Request, relay: Relay) -> Response:
     received_at = time.time()
     try:
         body = await read_body(request, relay.settings.max_body_bytes)

@@ -233,12 +233,16 @@ class PostgresStore:
             # chosen while `deliveries` was nearly empty, kept hash-joining the batch against a
             # sequential scan of the whole table as it grew (17.5 M rows read in 10 s of load,
             # pg_stat_user_tables); planning again costs ~0.2 ms per batch.
-            server_settings={"plan_cache_mode": "force_custom_plan", **self.server_settings},
+            # (A `plan_cache_mode` in the URL's query wins.)
+            server_settings={**self._default_settings(), **self.server_settings},
             command_timeout=10,
             reset=_release_connection,
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
+
+    def _default_settings(self) -> dict[str, str]:
+        return {} if "plan_cache_mode=" in self.dsn else {"plan_cache_mode": "force_custom_plan"}
 
     async def close(self) -> None:
         if self._pool is not None:
