@@ -260,7 +260,8 @@ async def run(a: Any) -> int:
 
         events = sum(p.events for p in phases)
         seconds = max(p.seconds for p in phases)
-        errors = sum(v for p in phases for k, v in p.statuses.items() if k != 200)
+        statuses = phases[0].statuses + phases[1].statuses
+        errors = sum(v for k, v in statuses.items() if k != 200)
         merged = phases[0]
         merged.sent_at.update(phases[1].sent_at)
         rep = latency_report(merged, got, 1)
@@ -274,8 +275,8 @@ async def run(a: Any) -> int:
         print(
             f"soak: {events:,} events in {seconds:.0f}s = {events / seconds:,.0f} events/s "
             f"({events / seconds / 2:,.0f} per instance); p50 {rep['p50']:.1f} ms, p99 "
-            f"{rep['p99']:.1f} ms; errors {errors}; pushes {rep['pushes']:,}, missing "
-            f"{rep['missing']}, duplicated {rep['dupes']}"
+            f"{rep['p99']:.1f} ms; errors {errors} {dict(statuses)}; pushes "
+            f"{rep['pushes']:,}, missing {rep['missing']}, duplicated {rep['dupes']}"
         )
         growths = []
         for n, pid in enumerate(pids):
@@ -285,9 +286,11 @@ async def run(a: Any) -> int:
                 continue
             growth = warm[-1] / warm[0] - 1
             growths.append(growth)
+            trend = [m for t, m in samples if t >= 0.2 * a.seconds][:: max(1, len(warm) // 8)]
             print(
                 f"  instance {n}: RSS after warm-up {warm[0]:.0f} MiB, end {warm[-1]:.0f} MiB "
-                f"({growth:+.1%}), peak {max(m for _, m in samples):.0f} MiB"
+                f"({growth:+.1%}), peak {max(m for _, m in samples):.0f} MiB; over the run "
+                + " ".join(f"{m:.0f}" for m in trend)
             )
         targets = [
             ("no lost or duplicated push", rep["missing"] == 0 and rep["dupes"] == 0),
@@ -316,7 +319,7 @@ async def run(a: Any) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--identities", type=int, default=1_000_000)
-    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--seconds", type=float, default=None, help="soak length (300; --quick 60)")
     parser.add_argument("--peak-seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3, help="alternating peak rounds")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s over both instances")
@@ -326,7 +329,9 @@ def main() -> int:
     )
     a = parser.parse_args()
     if a.quick:
-        a.identities, a.seconds = 100_000, 60.0
+        a.identities = 100_000
+    if a.seconds is None:
+        a.seconds = 60.0 if a.quick else 300.0
     return asyncio.run(run(a))
 
 
