@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import math
 import os
 import platform
@@ -129,6 +130,7 @@ class Phase:
     seconds: float = 0.0
     statuses: Counter[int] = field(default_factory=Counter)
     sent_at: dict[str, float] = field(default_factory=dict)
+    gc_pauses_ms: list[float] = field(default_factory=list)  # the load generator's own
 
     @property
     def rate(self) -> float:
@@ -187,9 +189,34 @@ async def closed_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float,
     return phase
 
 
-async def open_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, rate: float):
+@contextlib.contextmanager
+def gc_pauses(into: list[float]):
+    """Record this process's garbage-collector pauses: a pause of the load generator delays
+    requests already stamped as sent and would count as the relay's latency."""
+    started = 0.0
+
+    def callback(stage: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if stage == "start":
+            started = time.perf_counter()
+        else:
+            into.append((time.perf_counter() - started) * 1000)
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+
+
+async def open_loop(
+    url: str, bodies: list[tuple[str, bytes]], seconds: float, rate: float, connections: int = 0
+):
+    """Requests at a fixed rate whatever the answers' pace. `connections` bounds the client's
+    connections (0: unbounded); a request waiting for one is already stamped as sent, so the wait
+    counts as latency."""
     phase = Phase("latency")
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one(call_id: str, body: bytes) -> None:
@@ -207,14 +234,15 @@ async def open_loop(url: str, bodies: list[tuple[str, bytes]], seconds: float, r
         started = time.monotonic()
         interval = 1.0 / rate
         n = 0
-        while (now := time.monotonic()) - started < seconds:
-            due = started + n * interval
-            if now < due:
-                await asyncio.sleep(due - now)
-            call_id, body = bodies[n]
-            tasks.append(asyncio.create_task(one(call_id, body)))
-            n += 1
-        await asyncio.gather(*tasks)
+        with gc_pauses(phase.gc_pauses_ms):
+            while (now := time.monotonic()) - started < seconds:
+                due = started + n * interval
+                if now < due:
+                    await asyncio.sleep(due - now)
+                call_id, body = bodies[n]
+                tasks.append(asyncio.create_task(one(call_id, body)))
+                n += 1
+            await asyncio.gather(*tasks)
         phase.events = n
         phase.seconds = time.monotonic() - started
     return phase
@@ -381,6 +409,7 @@ async def measure(
         "missing": peak_check["missing"] + rep["missing"],
         "dupes": peak_check["dupes"] + rep["dupes"],
         "achieved_half": latency.rate,
+        "load_gc_max_ms": max(latency.gc_pauses_ms, default=0.0),
         "cpu": busy,
     }
 
@@ -495,7 +524,8 @@ def print_row(r: dict) -> None:
         f"  {r['relay']:13} {r['devices']} dev  peak {r['events_s']:8.0f} events/s "
         f"{r['pushes_s']:8.0f} pushes/s | at {r['achieved_half']:7.0f}/s: p50 {r['p50']:7.2f} ms "
         f"p99 {r['p99']:8.2f} ms | errors {r['errors']} missing {r['missing']} "
-        f"duplicates {r['dupes']} | CPU at peak: "
+        f"duplicates {r['dupes']} | load generator's longest GC pause "
+        f"{r.get('load_gc_max_ms', 0.0):.0f} ms | CPU at peak: "
         + ", ".join(f"{k} {v:.0%}" for k, v in r["cpu"].items()),
         flush=True,
     )

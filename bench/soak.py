@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import sys
@@ -110,12 +111,38 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def sample_memory(pids: list[int], into: dict[int, list[tuple[float, float]]]) -> None:
+def open_sockets(pid: int) -> int:
+    """The process's open sockets: kept-alive client connections cost memory too."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(fd.path).startswith("socket:")
+    return count
+
+
+async def sample_memory(
+    pids: list[int],
+    into: dict[int, list[tuple[float, float]]],
+    sockets: dict[int, list[int]],
+) -> None:
     started = time.monotonic()
     while True:
         for pid in pids:
             into.setdefault(pid, []).append((time.monotonic() - started, rss_mib(pid)))
+            sockets.setdefault(pid, []).append(open_sockets(pid))
         await asyncio.sleep(1.0)
+
+
+def slowest_push(phase: Any, got: list[tuple[str, float]]) -> tuple[float, float] | None:
+    """(wall-clock send time, milliseconds) of the slowest push."""
+    to_wall = time.time() - time.monotonic()
+    worst: tuple[float, float] | None = None
+    for call_id, received in got:
+        sent = phase.sent_at.get(call_id)
+        if sent is not None and (worst is None or received - sent > worst[1] / 1000):
+            worst = (sent + to_wall, (received - sent) * 1000)
+    return worst
 
 
 def server_env(database_url: str, hub_port: int, ca: Path) -> dict[str, str]:
@@ -240,7 +267,8 @@ async def run(a: Any) -> int:
         await receipts(hub_url, certs.ca_file)
 
         memory: dict[int, list[tuple[float, float]]] = {}
-        sampler = asyncio.create_task(sample_memory(pids, memory))
+        sockets: dict[int, list[int]] = {}
+        sampler = asyncio.create_task(sample_memory(pids, memory, sockets))
         print(
             f"soak: {rate:,.0f} events/s over 2 instances for {a.seconds:.0f}s "
             f"({a.identities:,} callees, 1 device each)",
@@ -250,7 +278,7 @@ async def run(a: Any) -> int:
         halves = [bodies[0::2], bodies[1::2]]
         phases = await asyncio.gather(
             *(
-                open_loop(f"{url}/api/events", half, a.seconds, rate / 2)
+                open_loop(f"{url}/api/events", half, a.seconds, rate / 2, a.connections)
                 for url, half in zip(urls, halves, strict=True)
             )
         )
@@ -265,6 +293,7 @@ async def run(a: Any) -> int:
         merged = phases[0]
         merged.sent_at.update(phases[1].sent_at)
         rep = latency_report(merged, got, 1)
+        worst = slowest_push(merged, got)
         print()
         print(
             f"conditions: {os.cpu_count()} cores; Python {platform.python_version()}; "
@@ -278,6 +307,13 @@ async def run(a: Any) -> int:
             f"{rep['p99']:.1f} ms; errors {errors} {dict(statuses)}; pushes "
             f"{rep['pushes']:,}, missing {rep['missing']}, duplicated {rep['dupes']}"
         )
+        if worst is not None:
+            print(
+                f"  slowest push: {worst[1]:.0f} ms, sent at "
+                f"{time.strftime('%H:%M:%S', time.gmtime(worst[0]))} UTC (to match against the "
+                "PostgreSQL log's checkpoints and autovacuum); the load generator's longest "
+                f"GC pause {max(merged.gc_pauses_ms + phases[1].gc_pauses_ms, default=0):.0f} ms"
+            )
         growths = []
         for n, pid in enumerate(pids):
             samples = memory.get(pid, [])
@@ -286,11 +322,16 @@ async def run(a: Any) -> int:
                 continue
             growth = warm[-1] / warm[0] - 1
             growths.append(growth)
-            trend = [m for t, m in samples if t >= 0.2 * a.seconds][:: max(1, len(warm) // 8)]
+            step = max(1, len(warm) // 8)
+            first = len(samples) - len(warm)
+            socks = sockets.get(pid, [])[first:]
             print(
                 f"  instance {n}: RSS after warm-up {warm[0]:.0f} MiB, end {warm[-1]:.0f} MiB "
                 f"({growth:+.1%}), peak {max(m for _, m in samples):.0f} MiB; over the run "
-                + " ".join(f"{m:.0f}" for m in trend)
+                + " ".join(f"{m:.0f}" for m in warm[::step])
+                + " MiB with "
+                + " ".join(str(c) for c in socks[::step])
+                + " open sockets"
             )
         targets = [
             ("no lost or duplicated push", rep["missing"] == 0 and rep["dupes"] == 0),
@@ -322,6 +363,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="soak length (300; --quick 60)")
     parser.add_argument("--peak-seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3, help="alternating peak rounds")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=256,
+        help="client connections per instance (Event Grid's are bounded too; unbounded, a stall "
+        "made the load generator open 1,000+ connections per instance)",
+    )
     parser.add_argument("--rate", type=float, default=0.0, help="events/s over both instances")
     parser.add_argument("--quick", action="store_true", help="100,000 callees, 60 s")
     parser.add_argument(
