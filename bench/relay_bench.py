@@ -230,19 +230,27 @@ async def open_loop(
             except aiohttp.ClientError:
                 phase.statuses[0] += 1
 
-        tasks = []
+        tasks: set[asyncio.Task[None]] = set()
         started = time.monotonic()
         interval = 1.0 / rate
         n = 0
+        # The prepared bodies are long-lived: frozen, the collector no longer walks them (in a
+        # 5-minute soak it paused this process for up to 640 ms). Finished requests are dropped.
+        gc.collect()
+        gc.freeze()
         with gc_pauses(phase.gc_pauses_ms):
             while (now := time.monotonic()) - started < seconds:
                 due = started + n * interval
                 if now < due:
                     await asyncio.sleep(due - now)
                 call_id, body = bodies[n]
-                tasks.append(asyncio.create_task(one(call_id, body)))
+                task = asyncio.create_task(one(call_id, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
                 n += 1
-            await asyncio.gather(*tasks)
+            while tasks:
+                await asyncio.gather(*tasks)
+        gc.unfreeze()
         phase.events = n
         phase.seconds = time.monotonic() - started
     return phase
