@@ -32,6 +32,7 @@ from relay_bench import (
     free_port,
     measure,
     pin,
+    print_repeated_phases,
     print_row,
     seed,
     spawn,
@@ -194,6 +195,7 @@ def report(results: list[dict[str, Any]], a: Any) -> int:
         f"{a.concurrency} ({a.loader}) "
         "connections, open loop at half the peak; SQLite store"
     )
+    print_repeated_phases(results, "transport")
     targets = []
     for devices in (1, 5):
         nh = by[("notificationhubs", devices)]["events_s"]

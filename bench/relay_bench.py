@@ -56,6 +56,54 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_ticks() -> dict[int, int]:
+    """CPU ticks of every user-space process on the machine, with those of its reaped children:
+    a process that starts and ends within a phase shows in its parent's count. Kernel threads
+    are left out: they mostly write back and route the benchmark's own I/O."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[1] in ("0", "2") and entry != "1":  # kthreadd (2) and its children
+            continue
+        out[int(entry)] = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return out
+
+
+class CpuWatch:
+    """CPU time used by the benchmark's processes and by every other process over a phase.
+    Other processes matter here: this machine's RabbitMQ starts a new Erlang VM every 60 s
+    (about 300 ms of a core), and when that lands on the relay's core while it is 80-90 % busy,
+    a queue builds that lasts longer than the 1 % of a phase that p99 tolerates."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        self.ticks_before = process_cpu_ticks()
+
+    def stop(self) -> tuple[dict[str, float], float]:
+        """(share of a core per process, CPU seconds used by other processes)."""
+        seconds = time.monotonic() - self.started
+        used = {k: (cpu_seconds(pid) - self.before[k]) / seconds for k, pid in self.pids.items()}
+        ours = set(self.pids.values())
+        others = sum(
+            ticks - self.ticks_before.get(pid, 0)
+            for pid, ticks in process_cpu_ticks().items()
+            if pid not in ours
+        )
+        return used, max(0, others) / os.sysconf("SC_CLK_TCK")
+
+
+# CPU seconds other processes may use in a latency phase before it is measured again: a quiet
+# machine shows 10-20 ms per second of phase (the sandbox's agent, databases' timers).
+INTERFERENCE_CPU_S, INTERFERENCE_CPU_PER_S = 0.15, 0.02
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,6 +181,7 @@ class Phase:
     statuses: Counter[int] = field(default_factory=Counter)
     sent_at: dict[str, float] = field(default_factory=dict)
     gc_pauses_ms: list[float] = field(default_factory=list)  # the load generator's own
+    max_late_ms: float = 0.0  # how far the open loop fell behind its schedule, at worst
 
     @property
     def rate(self) -> float:
@@ -329,6 +378,8 @@ async def open_loop(
                 due = started + n * interval
                 if now < due:
                     await asyncio.sleep(due - now)
+                else:
+                    phase.max_late_ms = max(phase.max_late_ms, (now - due) * 1000)
                 call_id, body = bodies[n]
                 task = asyncio.create_task(one(call_id, body))
                 tasks.add(task)
@@ -488,11 +539,29 @@ async def measure(
     else:
         peak_check = latency_report(peak, got, devices)
     half = max(1.0, peak.rate / 2)
-    lat_bodies = make_bodies(int(half * a.seconds) + 10, a.identities)
-    latency = await open_loop(url, lat_bodies, a.seconds, half)
-    got = await receipts(hub_url, ca)
-    rep = latency_report(latency, got, devices)
-    errors = sum(v for k, v in (peak.statuses + latency.statuses).items() if k != 200)
+    interfered: list[dict[str, float]] = []
+    missing = dupes = errors = 0
+    while True:
+        lat_bodies = make_bodies(int(half * a.seconds) + 10, a.identities)
+        watch = CpuWatch(pids)
+        latency = await open_loop(url, lat_bodies, a.seconds, half)
+        busy_half, others = watch.stop()
+        got = await receipts(hub_url, ca)
+        rep = latency_report(latency, got, devices)
+        missing, dupes = missing + rep["missing"], dupes + rep["dupes"]
+        errors += sum(v for k, v in latency.statuses.items() if k != 200)
+        # Another process taking a core for a moment while the relay is ~90 % busy (this
+        # machine's RabbitMQ boots an Erlang VM every minute) is not the relay's latency: such a
+        # phase is reported and measured once more, never silently dropped.
+        if others < INTERFERENCE_CPU_S + INTERFERENCE_CPU_PER_S * a.seconds or interfered:
+            break
+        interfered.append({"p99": rep["p99"], "others_cpu_s": others})
+        print(
+            f"    {name} {devices} dev: other processes used {others * 1000:.0f} ms of CPU during "
+            f"the latency phase (p99 {rep['p99']:.1f} ms); measuring it once more",
+            flush=True,
+        )
+    errors += sum(v for k, v in peak.statuses.items() if k != 200)
     return {
         "relay": name,
         "devices": devices,
@@ -502,11 +571,15 @@ async def measure(
         "p50": rep["p50"],
         "p99": rep["p99"],
         "errors": errors,
-        "missing": peak_check["missing"] + rep["missing"],
-        "dupes": peak_check["dupes"] + rep["dupes"],
+        "missing": peak_check["missing"] + missing,
+        "dupes": peak_check["dupes"] + dupes,
         "achieved_half": latency.rate,
         "load_gc_max_ms": max(latency.gc_pauses_ms, default=0.0),
         "cpu": busy,
+        "cpu_half": busy_half,
+        "load_late_max_ms": latency.max_late_ms,
+        "others_cpu_s": others,
+        "interfered": interfered,
     }
 
 
@@ -621,10 +694,24 @@ def print_row(r: dict) -> None:
         f"{r['pushes_s']:8.0f} pushes/s | at {r['achieved_half']:7.0f}/s: p50 {r['p50']:7.2f} ms "
         f"p99 {r['p99']:8.2f} ms | errors {r['errors']} missing {r['missing']} "
         f"duplicates {r['dupes']} | load generator's longest GC pause "
-        f"{r.get('load_gc_max_ms', 0.0):.0f} ms | CPU at peak: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in r["cpu"].items()),
+        f"{r.get('load_gc_max_ms', 0.0):.0f} ms, furthest behind schedule "
+        f"{r.get('load_late_max_ms', 0.0):.0f} ms | CPU at peak: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in r["cpu"].items())
+        + " | at half: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in r["cpu_half"].items())
+        + f", other processes {r.get('others_cpu_s', 0.0) * 1000:.0f} ms of CPU",
         flush=True,
     )
+
+
+def print_repeated_phases(results: list[dict], name_key: str) -> None:
+    for r in results:
+        for first in r["interfered"]:
+            print(
+                f"{r[name_key]} {r['devices']} device(s): the first latency phase was repeated, "
+                f"other processes having used {first['others_cpu_s'] * 1000:.0f} ms of CPU in it "
+                f"(its p99 was {first['p99']:.1f} ms; the figure above is the second phase's)"
+            )
 
 
 def report(results: list[dict], a: Any) -> int:
@@ -654,6 +741,7 @@ def report(results: list[dict], a: Any) -> int:
         f"ringrelay / sample-ca-only (new connection per push, trust store not reloaded): "
         f"1 device {cheap1:.1f}x, 5 devices {cheap5:.1f}x"
     )
+    print_repeated_phases(results, "relay")
     targets = [
         ("1 device: >= 2,000 events/s", one["events_s"] >= 2000),
         ("1 device: p99 < 25 ms at half the peak", one["p99"] < 25),

@@ -35,7 +35,7 @@ from ringrelay.redact import fingerprint
 from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
 
 SCHEMA_VERSION = 1
-GROUP_COMMIT_WAIT = 0.0005  # seconds
+GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
 SCHEMA = """
@@ -236,7 +236,9 @@ class SQLiteStore:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # A short wait gathers the writes of concurrent deliveries into one commit (the
-            # commit, not the rows, is what costs); 0.5 ms is noise next to a push's latency.
+            # commit, not the rows, is what costs). It delays the webhook's answer, never a
+            # push. At 2,200 events/s, 2 ms took the relay's CPU per event from ~400 to ~340 us
+            # against 0.5 ms (5 ms: ~325 us), which leaves the core room to absorb a stall.
             asyncio.get_running_loop().call_later(GROUP_COMMIT_WAIT, self._flush)
         await future
 
