@@ -17,12 +17,17 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
 from ringrelay.models import DeliveryStatus, Platform, PushKind
 from ringrelay.payloads import APNS_ALERT_MAX_BYTES, APNS_VOIP_MAX_BYTES, apns_voip_body, encode
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
-from ringrelay.providers.h2client import H2ConnectionLost, H2Error, H2Pool
+from ringrelay.providers.h2client import (
+    H2ConnectionLost,
+    H2Error,
+    H2Pool,
+    header_block,
+    header_field,
+)
 
 log = logging.getLogger("ringrelay.apns")
 
@@ -204,22 +209,25 @@ class ApnsProvider:
         ctx.set_alpn_protocols(["h2"])
         self.pool = H2Pool(self.host, self.port, ctx, max_connections=max_connections)
         authority = self.host if self.port == PORT else f"{self.host}:{self.port}"
-        # Headers that never change, HPACK-indexed once per connection.
-        self._fixed = [
-            HeaderTuple(b":method", b"POST"),
-            HeaderTuple(b":scheme", b"https"),
-            HeaderTuple(b":authority", authority.encode()),
-        ]
-        self._voip = [
-            HeaderTuple(b"apns-push-type", b"voip"),
-            HeaderTuple(b"apns-topic", f"{bundle_id}.voip".encode()),
-            HeaderTuple(b"apns-priority", b"10"),
-        ]
-        self._alert = [
-            HeaderTuple(b"apns-push-type", b"alert"),
-            HeaderTuple(b"apns-topic", bundle_id.encode()),
-            HeaderTuple(b"apns-priority", b"10"),
-        ]
+        # The header block is assembled from pieces encoded once (pseudo-header fields first).
+        self._pseudo = header_block(
+            [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", authority.encode())]
+        )
+        self._voip = header_block(
+            [
+                (b"apns-push-type", b"voip"),
+                (b"apns-topic", f"{bundle_id}.voip".encode()),
+                (b"apns-priority", b"10"),
+            ]
+        )
+        self._alert = header_block(
+            [
+                (b"apns-push-type", b"alert"),
+                (b"apns-topic", bundle_id.encode()),
+                (b"apns-priority", b"10"),
+            ]
+        )
+        self._authorization = (b"", b"")  # (JWT header, its encoding), re-encoded on renewal
 
     def supports(self, platform: Platform) -> bool:
         return platform is Platform.APNS
@@ -230,18 +238,26 @@ class ApnsProvider:
     async def close(self) -> None:
         await self.pool.close()
 
-    def _headers(self, request: PushRequest, now: float) -> list[HeaderTuple]:
+    def _headers(self, request: PushRequest, now: float) -> bytes:
         voip = request.registration.push_kind is PushKind.VOIP
-        return [
-            *self._fixed,
-            # Apple: send :path and authorization as literals without indexing (they vary).
-            NeverIndexedHeaderTuple(b":path", f"/3/device/{request.registration.token}".encode()),
-            NeverIndexedHeaderTuple(b"authorization", self.token.header(now).encode()),
-            *(self._voip if voip else self._alert),
-            # Never deliver after the phone stopped ringing (0 would mean "once, now or never").
-            NeverIndexedHeaderTuple(b"apns-expiration", str(int(request.expires_at)).encode()),
-            NeverIndexedHeaderTuple(b"apns-id", request.push_id.encode()),
-        ]
+        token = self.token.header(now).encode()
+        if self._authorization[0] != token:
+            self._authorization = (token, header_field(b"authorization", token, sensitive=True))
+        return b"".join(
+            (
+                self._pseudo,
+                # Apple: send :path and authorization as literals never indexed (they vary).
+                header_field(
+                    b":path", b"/3/device/" + request.registration.token.encode(), sensitive=True
+                ),
+                self._authorization[1],
+                self._voip if voip else self._alert,
+                # Never deliver after the phone stopped ringing (0 would mean "once, now or
+                # never").
+                header_field(b"apns-expiration", b"%d" % int(request.expires_at), sensitive=True),
+                header_field(b"apns-id", request.push_id.encode(), sensitive=True),
+            )
+        )
 
     async def send(self, request: PushRequest) -> PushResult:
         voip = request.registration.push_kind is PushKind.VOIP
