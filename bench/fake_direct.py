@@ -29,7 +29,7 @@ async def main() -> None:
     parser.add_argument("--service-account", required=True)
     args = parser.parse_args()
 
-    apns = FakeAPNs(record_bodies=False)
+    apns = FakeAPNs(record_bodies=False, validate_headers=False)
     apns.add_key(args.team_id, args.key_id, Path(args.public_key).read_bytes(), {args.bundle_id})
     fcm = FakeFCM(record_bodies=False)
     await apns.start("127.0.0.1", args.apns_port, args.tls_dir)
