@@ -2,12 +2,14 @@
 APNs (HTTP/2 + TLS, JWT verified) and the fake FCM (HTTPS, OAuth bearer checked), against the
 Notification Hubs path measured in the same run as the baseline.
 
-    python bench/direct_bench.py            # 100,000 callees, 10 s phases (~4 minutes)
-    python bench/direct_bench.py --quick    # 10,000 callees, 4 s phases
+    python bench/direct_bench.py            # 100,000 callees, 10 s phases, 2 rounds (~8 min)
+    python bench/direct_bench.py --quick    # 10,000 callees, 4 s phases, 1 round
 
 Same harness as relay_bench.py: ringrelay pinned to core 0; the load generator and the fakes on
 core 1; per transport and device count (1 and 5 per callee, all on that transport), a closed loop
 for the peak events/s and an open loop at half of it for POST-to-receipt latency (p50/p99).
+With `--rounds N` the transports take turns N times and the comparison is of mean events/s
+(single runs of one transport moved up to ~10 % on this VM); p99 is judged on the worst round.
 """
 
 from __future__ import annotations
@@ -134,10 +136,10 @@ async def run(a: Any) -> list[dict[str, Any]]:
                 f"https://127.0.0.1:{control_port}",
             ),
         }
-        for devices in (1, 5):
+        for round_no, devices in [(r, d) for r in range(1, a.rounds + 1) for d in (1, 5)]:
             for name in a.transports:
                 env, receipts_url = transports[name]
-                db = work / f"registry-{name}-{devices}.db"
+                db = work / f"registry-{name}-{devices}-{round_no}.db"
                 t0 = time.monotonic()
                 # Notification Hubs takes the mixed fleet; the direct runs one platform each.
                 only = {"apns": Platform.APNS, "fcm": Platform.FCM}.get(name)
@@ -156,7 +158,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
                         "RINGRELAY_LOG_LEVEL": "WARNING",
                         **env,
                     },
-                    work / f"ringrelay-{name}-{devices}.log",
+                    work / f"ringrelay-{name}-{devices}-{round_no}.log",
                 )
                 procs.append(proc)
                 url = f"http://127.0.0.1:{port}"
@@ -172,7 +174,8 @@ async def run(a: Any) -> list[dict[str, Any]]:
                     pids,
                 )
                 result["transport"] = name
-                result["log"] = str(work / f"ringrelay-{name}-{devices}.log")
+                result["round"] = round_no
+                result["log"] = str(work / f"ringrelay-{name}-{devices}-{round_no}.log")
                 results.append(result)
                 print_row(result)
                 proc.terminate()
@@ -186,29 +189,40 @@ async def run(a: Any) -> list[dict[str, Any]]:
 
 
 def report(results: list[dict[str, Any]], a: Any) -> int:
-    by = {(r["transport"], r["devices"]): r for r in results}
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault((r["transport"], r["devices"]), []).append(r)
+
+    def mean_rate(transport: str, devices: int) -> float:
+        runs = by[(transport, devices)]
+        return sum(r["events_s"] for r in runs) / len(runs)
+
     print()
     print(
         f"conditions: {os.cpu_count()} cores, ringrelay pinned to core {SERVER_CORE}, load "
         f"generator + fakes on core {LOAD_CORE}; Python {platform.python_version()}; "
-        f"{a.identities:,} callees; {a.seconds:.0f}s per phase; closed loop "
-        f"{a.concurrency} ({a.loader}) "
+        f"{a.identities:,} callees; {a.seconds:.0f}s per phase; {a.rounds} round(s); closed "
+        f"loop {a.concurrency} ({a.loader}) "
         "connections, open loop at half the peak; SQLite store"
     )
     print_repeated_phases(results, "transport")
     targets = []
     for devices in (1, 5):
-        nh = by[("notificationhubs", devices)]["events_s"]
+        nh = mean_rate("notificationhubs", devices)
         for name in ("apns", "fcm"):
-            r = by[(name, devices)]
+            rate = mean_rate(name, devices)
+            rounds = " / ".join(
+                f"{r['events_s'] / h['events_s']:.2f}x"
+                for r, h in zip(by[(name, devices)], by[("notificationhubs", devices)], strict=True)
+            )
+            worst_p99 = max(r["p99"] for r in by[(name, devices)])
             print(
                 f"{name} direct / Notification Hubs path, {devices} device(s): "
-                f"{r['events_s'] / nh:.2f}x ({r['events_s']:,.0f} vs {nh:,.0f} events/s)"
+                f"{rate / nh:.2f}x ({rate:,.0f} vs {nh:,.0f} events/s, mean of "
+                f"{len(by[(name, devices)])}; per round {rounds}); worst p99 {worst_p99:.1f} ms"
             )
-            targets.append(
-                (f"{name}, {devices} device(s): >= the hub path's events/s", r["events_s"] >= nh)
-            )
-            targets.append((f"{name}, {devices} device(s): p99 < 25 ms at half", r["p99"] < 25))
+            targets.append((f"{name}, {devices} device(s): >= the hub path's events/s", rate >= nh))
+            targets.append((f"{name}, {devices} device(s): p99 < 25 ms at half", worst_p99 < 25))
     targets.append(
         ("no push missing or duplicated", all(r["missing"] == r["dupes"] == 0 for r in results))
     )
@@ -230,9 +244,12 @@ def main() -> int:
         help="load generator for the peak (wrk when installed: apt install wrk)",
     )
     parser.add_argument("--transports", nargs="+", default=["notificationhubs", "apns", "fcm"])
+    parser.add_argument("--rounds", type=int, default=None, help="default 2 (--quick: 1)")
     a = parser.parse_args()
     if a.quick:
         a.identities, a.seconds = 10_000, 4.0
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 2
     results = asyncio.run(run(a))
     if len(a.transports) < 3:
         return 0
