@@ -358,8 +358,8 @@ class FakeAPNs:
         return [{**p, "device_token": p["device_token"][:8] + "…"} for p in self.pushes]
 
 
-# Inbound checks stay on: they are part of judging the client. The fake's own answers are
-# well-formed, so checking them again and Huffman-coding them only spend the load core's CPU.
+# Inbound checks follow FakeAPNs.validate_headers (on in the tests: they judge the client). The
+# fake's own answers are well-formed; checking and Huffman-coding them only spends the load core.
 def _server_config(validate_inbound: bool) -> h2.config.H2Configuration:
     return h2.config.H2Configuration(
         client_side=False,
