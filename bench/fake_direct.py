@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 from pathlib import Path
 
 import uvloop
@@ -37,7 +38,7 @@ async def main() -> None:
     fcm.trust_service_account(args.service_account)
 
     async def pushes(request: web.Request) -> web.Response:
-        return web.json_response({"receipts": apns.receipts + fcm.receipts})
+        return web.json_response({"receipts": apns.receipts.as_json() + fcm.receipts.as_json()})
 
     async def reset(request: web.Request) -> web.Response:
         apns.receipts.clear()
@@ -51,6 +52,11 @@ async def main() -> None:
     await runner.setup()
     ctx = make_test_certificates(args.tls_dir).server_context(["http/1.1"])
     await web.TCPSite(runner, "127.0.0.1", args.control_port, ssl_context=ctx).start()
+    # As `ringrelay serve` does: the start-up objects frozen out of the collector's walks and
+    # fewer, larger collections (full ones of 12-22 ms had shown as relay latency at p99).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
 PUSH_TYPES = {
@@ -114,7 +115,7 @@ class FakeAPNs:
     check_token_renewal: bool = True
     pushes: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
-    receipts: list[tuple[str, float]] = field(default_factory=list)
+    receipts: Receipts = field(default_factory=Receipts)
     connections_opened: int = 0
     provider_tokens: set[str] = field(default_factory=set)
 
@@ -324,7 +325,7 @@ class FakeAPNs:
         data = payload.get("data")
         call_id = str(data.get("callId", "")) if isinstance(data, dict) else ""
         if status == 200:
-            self.receipts.append((call_id, time.monotonic()))
+            self.receipts.append(call_id, time.monotonic())
         if self.record_bodies:
             self.pushes.appendleft(
                 {

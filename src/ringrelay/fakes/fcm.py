@@ -28,6 +28,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
 SEND_SCOPES = {
@@ -93,7 +94,7 @@ class FakeFCM:
     capacity: int = 100_000
     pushes: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
-    receipts: list[tuple[str, float]] = field(default_factory=list)
+    receipts: Receipts = field(default_factory=Receipts)
     token_requests: int = 0
 
     def __post_init__(self) -> None:
@@ -333,7 +334,7 @@ class FakeFCM:
                 break
         self.counts[200] += 1
         data = message.get("data") or {}
-        self.receipts.append((str(data.get("callId", "")), time.monotonic()))
+        self.receipts.append(str(data.get("callId", "")), time.monotonic())
         name = f"projects/{project}/messages/{secrets.token_hex(8)}"
         if self.record_bodies:
             self.pushes.appendleft(
@@ -354,7 +355,7 @@ class FakeFCM:
         return web.json_response(
             {
                 "pushes": [{**p, "headers": {}} for p in self.pushes],
-                "receipts": self.receipts,
+                "receipts": self.receipts.as_json(),
             }
         )
 

@@ -26,6 +26,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
 FORMATS = {"apple", "fcmv1", "gcm", "windows", "adm", "baidu"}
@@ -53,7 +54,7 @@ class FakeNotificationHubs:
     script: list[ScriptedAnswer] = field(default_factory=list)
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
     # Bench mode: (callId, monotonic receipt time) of each accepted push.
-    receipts: list[tuple[str, float]] = field(default_factory=list)
+    receipts: Receipts = field(default_factory=Receipts)
 
     def __post_init__(self) -> None:
         self.pushes = collections.deque(maxlen=self.capacity)
@@ -211,7 +212,7 @@ class FakeNotificationHubs:
             record["received_at"] = time.time()
             self.pushes.append(record)
         if status == 201:
-            self.receipts.append((_call_id(body), received))
+            self.receipts.append(_call_id(body), received)
         self.counts[status] += 1
         if status != 201:
             headers = {}
@@ -256,7 +257,11 @@ class FakeNotificationHubs:
 
     async def _get_pushes(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"pushes": list(self.pushes), "counts": dict(self.counts), "receipts": self.receipts}
+            {
+                "pushes": list(self.pushes),
+                "counts": dict(self.counts),
+                "receipts": self.receipts.as_json(),
+            }
         )
 
     async def _reset(self, request: web.Request) -> web.Response:
