@@ -16,6 +16,7 @@ import pytest
 from ringrelay.fakes import tls
 from ringrelay.fakes.apns import FakeAPNs, write_signing_key
 from ringrelay.fakes.fcm import FakeFCM, write_service_account
+from ringrelay.providers.fcm import AccessToken, read_service_account
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import (
     BackgroundLoop,
@@ -462,6 +463,22 @@ async def test_fcm_access_token_is_cached_and_refreshed_when_refused(
     code, body, _ = await call(http, server, kim)
     assert code == 200 and body["events"][0]["status"] == "delivered"
     assert fake_fcm.token_requests - requests_before == 2
+
+
+async def test_fcm_a_late_refusal_of_an_old_token_keeps_its_replacement(
+    _fcm_session: tuple[FakeFCM, Path], fake_fcm: FakeFCM, certs: tls.TestCertificates
+) -> None:
+    """Concurrent pushes refused with the same expired token: the first refusal renews it; one
+    that arrives after the renewal must not throw the new token away (seen in CI: 3 token
+    exchanges for one expiry)."""
+    token = AccessToken(read_service_account(_fcm_session[1]), str(certs.ca_file))
+    old = await token.header()
+    token.invalidate(old)
+    new = await token.header()
+    assert new != old and token.refreshes == 2
+    token.invalidate(old)  # the late 401, carrying the old token
+    assert await token.header() == new
+    assert token.refreshes == 2
 
 
 @pytest.mark.parametrize("how", ["goaway", "drop"])

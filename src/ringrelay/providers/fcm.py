@@ -91,8 +91,12 @@ class AccessToken:
             self._start_refresh()  # in the background; the current token is still good
         return f"Bearer {self.credentials.token}"
 
-    def invalidate(self) -> None:
-        self._expires_at = 0.0
+    def invalidate(self, refused: str) -> None:
+        """Refresh before the next push, unless the refused header is no longer the current one:
+        concurrent pushes refused with the old token must not throw away its replacement (each
+        would cost another token exchange)."""
+        if self.credentials.token is not None and refused == f"Bearer {self.credentials.token}":
+            self._expires_at = 0.0
 
 
 def classify(status: int, body: bytes, retry_after: float | None) -> PushResult:
@@ -221,7 +225,7 @@ class FcmProvider:
                 and result.reason.startswith("FCM 401 UNAUTHENTICATED")
                 and attempt == 1
             ):
-                self.token.invalidate()
+                self.token.invalidate(authorization)
                 continue
             if result.status is DeliveryStatus.CONFIG_ERROR:
                 log.error("FCM app %s: %s", self.app_id, result.reason)
