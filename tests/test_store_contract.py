@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -425,3 +427,27 @@ async def test_sqlite_wal_is_rewound_under_steady_writes(tmp_path: Any) -> None:
     assert written > 1000  # the writes did overlap the checkpoints
     # 40 passes in 2 s; allow for a loaded machine, but a starved WAL would show 0 or 1.
     assert restarts >= 5, (restarts, written, wal_size)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the nice value is per thread on Linux only")
+async def test_sqlite_checkpoint_copies_at_low_priority_and_finishes_at_the_loops(
+    tmp_path: Any,
+) -> None:
+    """The long first pass runs at nice 19 (at nice 0, sharing a core with the event loop, it
+    held back pushes for 10-25 ms); the short held pass at the loop's own priority (at nice 19 it
+    was starved while commits waited). bench/README, "Session 6"."""
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    store = SQLiteStore(str(tmp_path / "nice.db"))
+    await store.open()
+    try:
+        threads = {t.name: t.native_id for t in threading.enumerate()}
+        copier = threads["ringrelay-sqlite-checkpoint"]
+        finisher = threads["ringrelay-sqlite-checkpoint-finish"]
+        assert copier is not None and finisher is not None
+        assert os.getpriority(os.PRIO_PROCESS, copier) == 19
+        assert os.getpriority(os.PRIO_PROCESS, finisher) == loop_nice
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+    finally:
+        await store.close()
+    names = {t.name for t in threading.enumerate()}
+    assert not names & {"ringrelay-sqlite-checkpoint", "ringrelay-sqlite-checkpoint-finish"}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import queue
 import sqlite3
 import sys
 import threading
@@ -140,8 +142,19 @@ def _outcome(row: tuple[Any, ...]) -> DeliveryOutcome:
     )
 
 
-class _Checkpointer(threading.Thread):
-    """Checkpoints the WAL from its own connection, off the event loop.
+def lower_thread_priority() -> None:
+    """Make the calling thread yield the core to the event loop whenever both want it: at nice
+    19 a thread weighs 1/68 of one at nice 0 (the kernel's sched_prio_to_weight table). On Linux
+    the nice value is per thread (setpriority(2), "BUGS"); elsewhere the call would name a
+    process, so it is left alone there. Threads created later by this one inherit it."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class _Checkpointer:
+    """Checkpoints the WAL from connections of its own, off the event loop.
 
     A PASSIVE checkpoint never waits, so it cannot block the service; but under steady writes it
     never finishes either (frames committed while it copies are left behind), and SQLite only
@@ -150,7 +163,14 @@ class _Checkpointer(threading.Thread):
     made the kernel zero every new page, 11 % of the relay's CPU. So when a pass leaves frames
     behind, the store holds its group commits (they queue in memory; reads and pushes go on)
     while a second pass copies the few frames written meanwhile, and the next commit rewinds the
-    WAL to its start."""
+    WAL to its start.
+
+    Two threads, because the passes want opposite priorities. The first pass copies most of the
+    WAL and may take its time: it runs at nice 19, in the event loop's idle moments (at nice 0,
+    sharing the loop's core, the scheduler split the core with it and each pass held pushes back
+    for 10-25 ms). The second pass holds the commits, so it must finish at once: at nice 19 on a
+    busy core it was starved for 100-170 ms while webhook answers waited, and the load generator
+    opened ever more connections. It runs on a thread at the loop's own priority."""
 
     def __init__(
         self,
@@ -158,38 +178,65 @@ class _Checkpointer(threading.Thread):
         hold_writes: Callable[[], contextlib.AbstractContextManager[bool]],
         interval: float,
     ) -> None:
-        super().__init__(name="ringrelay-sqlite-checkpoint", daemon=True)
         self.path = path
         self.hold_writes = hold_writes
         self.interval = interval
         self._stopped = threading.Event()
         self._last_wal: tuple[int, int] = (0, 0)  # (frames in the WAL, frames copied)
+        self._finish_requests: queue.Queue[bool] = queue.Queue()
+        self._finished = threading.Semaphore(0)
+        # Both created here, on the loop's thread: a thread inherits its creator's nice value.
+        self._copier = threading.Thread(
+            target=self._copy, name="ringrelay-sqlite-checkpoint", daemon=True
+        )
+        self._finisher = threading.Thread(
+            target=self._finish, name="ringrelay-sqlite-checkpoint-finish", daemon=True
+        )
 
-    def run(self) -> None:
+    def start(self) -> None:
+        self._finisher.start()
+        self._copier.start()
+
+    def _copy(self) -> None:
+        lower_thread_priority()
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             while not self._stopped.wait(self.interval):
                 with contextlib.suppress(sqlite3.Error):
-                    self.checkpoint(db)
+                    # The pass reports the WAL as it was when it began: "all copied" does not
+                    # mean that no frame was committed meanwhile, so the held pass runs whenever
+                    # the WAL has changed.
+                    wal = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:]
+                    if wal[0] != 0 and wal != self._last_wal:
+                        self._finish_requests.put(True)
+                        self._finished.acquire()
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             db.close()
+            self._finish_requests.put(False)
 
-    def checkpoint(self, db: sqlite3.Connection) -> None:
-        # The pass reports the WAL as it was when it began: "all copied" does not mean that no
-        # frame was committed meanwhile, so the held pass runs whenever the WAL has changed.
-        wal = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:]
-        if wal[0] == 0 or wal == self._last_wal:
-            return
-        with self.hold_writes() as held:
-            if held:
-                wal = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:]
-        self._last_wal = wal
+    def _finish(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while self._finish_requests.get():
+                try:
+                    with self.hold_writes() as held:
+                        if held:
+                            self._last_wal = db.execute(
+                                "PRAGMA wal_checkpoint(PASSIVE)"
+                            ).fetchone()[1:]
+                except sqlite3.Error:
+                    pass
+                finally:
+                    self._finished.release()
+        finally:
+            db.close()
 
     def stop(self) -> None:
         self._stopped.set()
-        self.join(timeout=10)
+        self._copier.join(timeout=10)
+        self._finisher.join(timeout=10)
 
 
 class SQLiteStore:
