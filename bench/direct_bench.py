@@ -74,6 +74,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
             *("--control-port", str(control_port), "--tls-dir", str(work / "tls")),
             *("--team-id", TEAM, "--key-id", KEY_ID, "--public-key", str(public)),
             *("--bundle-id", BUNDLE, "--service-account", str(account)),
+            *("--apns-framing", a.fake_apns),
         ],
         LOAD_CORE,
     )
@@ -245,6 +246,12 @@ def main() -> int:
     )
     parser.add_argument("--transports", nargs="+", default=["notificationhubs", "apns", "fcm"])
     parser.add_argument("--rounds", type=int, default=None, help="default 2 (--quick: 1)")
+    parser.add_argument(
+        "--fake-apns",
+        choices=["lean", "h2"],
+        default="lean",
+        help="the fake APNs's HTTP/2 server: lean framing (default) or h2's server side",
+    )
     a = parser.parse_args()
     if a.quick:
         a.identities, a.seconds = 10_000, 4.0

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from ringrelay.fakes.h2lean import LeanConnection
 from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
@@ -109,6 +110,9 @@ class FakeAPNs:
     # the benchmark turns them off, as it turns off keeping bodies, to spend less of the load
     # core (they were ~10 % of the fake's CPU). Apple's own checks (`handle`) always run.
     validate_headers: bool = True
+    # "h2": h2's server side, independent of the relay's client (the tests). "lean": a lean
+    # server side for the benchmark's load core (fakes/h2lean.py says why and what it gives up).
+    framing: str = "h2"
     capacity: int = 100_000
     # Apple: refresh no more than once every 20 minutes; tests may relax it.
     min_token_renewal_seconds: float = 1200.0
@@ -125,7 +129,7 @@ class FakeAPNs:
         self._verified: dict[str, tuple[_Key, int]] = {}  # JWT -> (key, iat)
         self._script: list[_Scripted] = []
         self._unregistered: dict[str, int] = {}
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection | LeanConnection] = set()
         self._server: asyncio.Server | None = None
         self.base_url = ""
 
@@ -144,9 +148,16 @@ class FakeAPNs:
         if tls_dir is None:
             raise ValueError("APNs is only spoken over TLS: give tls_dir")
         ctx = make_test_certificates(tls_dir).server_context(["h2"])
+        if self.framing not in ("h2", "lean"):
+            raise ValueError(f"framing must be 'h2' or 'lean', not {self.framing!r}")
+        lean = self.framing == "lean"
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, ssl=ctx, backlog=1024
+            lambda: LeanConnection(self, answer_request) if lean else _Connection(self),
+            host,
+            port,
+            ssl=ctx,
+            backlog=1024,
         )
         bound = self._server.sockets[0].getsockname()[1]
         self.base_url = f"https://{host}:{bound}"
@@ -194,7 +205,7 @@ class FakeAPNs:
     # --- checks ----------------------------------------------------------------------------
 
     def _provider_token_error(
-        self, authorization: bytes | None, conn: _Connection | None
+        self, authorization: bytes | None, conn: _Connection | LeanConnection | None
     ) -> tuple[int, str] | None:
         if not authorization:
             return 403, "MissingProviderToken"
@@ -242,7 +253,10 @@ class FakeAPNs:
         return None
 
     def handle(
-        self, headers: list[tuple[bytes, bytes]], body: bytes, conn: _Connection | None = None
+        self,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        conn: _Connection | LeanConnection | None = None,
     ) -> tuple[int, dict[str, Any] | None, str, float]:
         """Judge one request: (status, error body or None, apns-id, delay)."""
         values: dict[bytes, bytes] = {}
@@ -359,6 +373,24 @@ class FakeAPNs:
         return [{**p, "device_token": p["device_token"][:8] + "…"} for p in self.pushes]
 
 
+def answer_request(
+    conn: _Connection | LeanConnection,
+    stream_id: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    """Judge one request and answer it on its connection. Called while a read is processed; the
+    connection sends every answer of that read at once."""
+    if dict(headers).get(b":path", b"").startswith(b"/_fake/pushes"):
+        conn._send(stream_id, 200, {"pushes": conn.fake.listing()}, "", flush=False)
+        return
+    status, answer, apns_id, delay = conn.fake.handle(headers, body, conn)
+    if delay > 0:
+        asyncio.get_running_loop().call_later(delay, conn._send, stream_id, status, answer, apns_id)
+    else:
+        conn._send(stream_id, status, answer, apns_id, flush=False)
+
+
 # Inbound checks follow FakeAPNs.validate_headers (on in the tests: they judge the client). The
 # fake's own answers are well-formed; checking and Huffman-coding them only spends the load core.
 def _server_config(validate_inbound: bool) -> h2.config.H2Configuration:
@@ -434,17 +466,7 @@ class _Connection(asyncio.Protocol):
         self._flush()
 
     def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """Called from data_received, which sends every answer of the batch at once."""
-        if dict(headers).get(b":path", b"").startswith(b"/_fake/pushes"):
-            self._send(stream_id, 200, {"pushes": self.fake.listing()}, "", flush=False)
-            return
-        status, answer, apns_id, delay = self.fake.handle(headers, body, self)
-        if delay > 0:
-            asyncio.get_running_loop().call_later(
-                delay, self._send, stream_id, status, answer, apns_id
-            )
-        else:
-            self._send(stream_id, status, answer, apns_id, flush=False)
+        answer_request(self, stream_id, headers, body)
 
     def _send(
         self, stream_id: int, status: int, answer: Any, apns_id: str, flush: bool = True
