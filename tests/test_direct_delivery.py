@@ -178,6 +178,7 @@ async def test_call_reaches_every_device_on_both_platforms_and_two_apps(
     ).status == 201
 
     before = time.time()
+    fcm_connections = fake_fcm.connections_opened
     status, body, event = await call(http, server, alice, display_name="Bob")
     assert status == 200, body
     assert body["events"][0]["status"] == "delivered"
@@ -210,6 +211,10 @@ async def test_call_reaches_every_device_on_both_platforms_and_two_apps(
         assert claims["kid"] == (KEY_A if bundle == BUNDLE_A else KEY_B)
 
     [fcm_push] = list(fake_fcm.pushes)
+    # Over HTTP/2: the fake counts only HTTP/2 connections.
+    assert fcm_push["headers"][":method"] == "POST"
+    assert fcm_push["headers"]["authorization"].startswith("Bearer ya29.fake-")
+    assert fake_fcm.connections_opened == fcm_connections + 1
     message = fcm_push["message"]
     assert message["token"] == fcm_token(1)
     assert message["android"]["priority"] == "HIGH"

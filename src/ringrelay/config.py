@@ -129,10 +129,13 @@ class FcmApp(BaseModel):
         default=None, pattern=r"^[A-Za-z0-9._\-]{1,255}$"
     )  # default: project id
     service_account_file: Path
-    endpoint: str | None = None  # tests and fakes only: https://host:port
+    endpoint: str | None = Field(
+        default=None, pattern=r"^https://[^/?#]+/?$"
+    )  # tests and fakes only: https://host:port (HTTP/2 over TLS)
     ca_file: Path | None = None  # tests and fakes only: trust this CA (FCM and token endpoint)
     timeout_seconds: float = Field(default=5.0, gt=0, le=30)
-    max_connections: int = Field(default=100, ge=1, le=10_000)
+    # HTTP/2 connections: each carries up to 32 pushes at once (Google allows 100 streams).
+    max_connections: int = Field(default=8, ge=1, le=100)
     max_in_flight: int = Field(default=1000, ge=1, le=1_000_000)
 
     @property

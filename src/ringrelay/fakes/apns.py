@@ -8,15 +8,15 @@ renewal no more often than every 20 minutes), the topic against the key's bundle
 type, priority, expiration, `apns-id` and the payload size (5120 bytes VoIP, 4096 otherwise).
 Scripted answers (410 with a timestamp, 5xx, delays), GOAWAY and dropped connections on demand.
 
-Built on h2 directly, not an ASGI server: it must answer thousands of pushes a second on a core
-it shares with the load generator, and the tests need frame-level control (GOAWAY, aborts).
+Built on HTTP/2 server connections directly (h2server.py: h2's server side in the tests, lean
+framing in the benchmark), not an ASGI server: it must answer thousands of pushes a second on a
+core it shares with the load generator, and the tests need frame-level control (GOAWAY, aborts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import re
 import time
 import uuid
@@ -24,12 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import jwt
 import orjson
 from cryptography.hazmat.primitives import serialization
@@ -37,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ringrelay.fakes.h2lean import LeanConnection
+from ringrelay.fakes.h2server import H2ServerConnection
 from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
@@ -129,7 +124,7 @@ class FakeAPNs:
         self._verified: dict[str, tuple[_Key, int]] = {}  # JWT -> (key, iat)
         self._script: list[_Scripted] = []
         self._unregistered: dict[str, int] = {}
-        self._connections: set[_Connection | LeanConnection] = set()
+        self._connections: set[H2ServerConnection | LeanConnection] = set()
         self._server: asyncio.Server | None = None
         self.base_url = ""
 
@@ -153,7 +148,7 @@ class FakeAPNs:
         lean = self.framing == "lean"
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: LeanConnection(self, answer_request) if lean else _Connection(self),
+            lambda: (LeanConnection if lean else H2ServerConnection)(self, answer_request),
             host,
             port,
             ssl=ctx,
@@ -205,7 +200,7 @@ class FakeAPNs:
     # --- checks ----------------------------------------------------------------------------
 
     def _provider_token_error(
-        self, authorization: bytes | None, conn: _Connection | LeanConnection | None
+        self, authorization: bytes | None, conn: H2ServerConnection | LeanConnection | None
     ) -> tuple[int, str] | None:
         if not authorization:
             return 403, "MissingProviderToken"
@@ -256,7 +251,7 @@ class FakeAPNs:
         self,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        conn: _Connection | LeanConnection | None = None,
+        conn: H2ServerConnection | LeanConnection | None = None,
     ) -> tuple[int, dict[str, Any] | None, str, float]:
         """Judge one request: (status, error body or None, apns-id, delay)."""
         values: dict[bytes, bytes] = {}
@@ -374,138 +369,23 @@ class FakeAPNs:
 
 
 def answer_request(
-    conn: _Connection | LeanConnection,
+    conn: H2ServerConnection | LeanConnection,
     stream_id: int,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
 ) -> None:
     """Judge one request and answer it on its connection. Called while a read is processed; the
     connection sends every answer of that read at once."""
+    fake: FakeAPNs = conn.fake  # type: ignore[assignment]
     if dict(headers).get(b":path", b"").startswith(b"/_fake/pushes"):
-        conn._send(stream_id, 200, {"pushes": conn.fake.listing()}, "", flush=False)
+        conn._send(stream_id, 200, {"pushes": fake.listing()}, flush=False)
         return
-    status, answer, apns_id, delay = conn.fake.handle(headers, body, conn)
+    status, answer, apns_id, delay = fake.handle(headers, body, conn)
+    extra = [(b"apns-id", apns_id.encode())] if apns_id else []
     if delay > 0:
-        asyncio.get_running_loop().call_later(delay, conn._send, stream_id, status, answer, apns_id)
+        asyncio.get_running_loop().call_later(delay, conn._send, stream_id, status, answer, extra)
     else:
-        conn._send(stream_id, status, answer, apns_id, flush=False)
-
-
-# Inbound checks follow FakeAPNs.validate_headers (on in the tests: they judge the client). The
-# fake's own answers are well-formed; checking and Huffman-coding them only spends the load core.
-def _server_config(validate_inbound: bool) -> h2.config.H2Configuration:
-    return h2.config.H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_inbound_headers=validate_inbound,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-    )
-
-
-_SERVER_CONFIGS = {True: _server_config(True), False: _server_config(False)}
-
-
-class _Connection(asyncio.Protocol):
-    _ids = 0
-
-    def __init__(self, fake: FakeAPNs) -> None:
-        self.fake = fake
-        self.h2 = h2.connection.H2Connection(config=_SERVER_CONFIGS[fake.validate_headers])
-        self.h2.encoder.encode = functools.partial(  # type: ignore[method-assign]
-            self.h2.encoder.encode, huffman=False
-        )
-        self.transport: asyncio.Transport | None = None
-        self.requests: dict[int, tuple[list[tuple[bytes, bytes]], bytearray]] = {}
-        self.highest_stream = 0
-        self.token = ""  # the provider token this connection last used, and since when
-        self.token_at = 0.0
-        _Connection._ids += 1
-        self.id = _Connection._ids
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.fake.connections_opened += 1
-        self.fake._connections.add(self)
-        self.h2.initiate_connection()
-        self.h2.update_settings(
-            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_concurrent_streams}
-        )
-        self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fake._connections.discard(self)
-
-    def _flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self._flush()
-            self.abort()
-            return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self.requests[event.stream_id] = (list(event.headers or []), bytearray())
-                self.highest_stream = max(self.highest_stream, event.stream_id)
-            elif isinstance(event, h2.events.DataReceived):
-                request = self.requests.get(event.stream_id)
-                if request is not None:
-                    request[1].extend(event.data or b"")
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded):
-                request = self.requests.pop(event.stream_id, None)
-                if request is not None:
-                    self._answer(event.stream_id, request[0], bytes(request[1]))
-            elif isinstance(event, h2.events.StreamReset):
-                self.requests.pop(event.stream_id, None)
-        self._flush()
-
-    def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        answer_request(self, stream_id, headers, body)
-
-    def _send(
-        self, stream_id: int, status: int, answer: Any, apns_id: str, flush: bool = True
-    ) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        body = orjson.dumps(answer) if answer is not None else b""
-        headers = [(b":status", str(status).encode())]
-        if apns_id:
-            headers.append((b"apns-id", apns_id.encode()))
-        if body:
-            headers.append((b"content-type", b"application/json"))
-            headers.append((b"content-length", str(len(body)).encode()))
-        try:
-            self.h2.send_headers(stream_id, headers, end_stream=not body)
-            if body:
-                self.h2.send_data(stream_id, body, end_stream=True)
-        except h2.exceptions.H2Error:
-            return  # the stream was reset or the connection is closing
-        if flush:
-            self._flush()
-
-    def goaway(self, reason: str) -> None:
-        """As Apple does: GOAWAY with a JSON reason, then close once the answers are out."""
-        try:
-            self.h2.close_connection(
-                error_code=h2.errors.ErrorCodes.NO_ERROR,
-                additional_data=orjson.dumps({"reason": reason}),
-                last_stream_id=self.highest_stream,
-            )
-        except h2.exceptions.H2Error:
-            pass
-        self._flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        conn._send(stream_id, status, answer, extra, flush=False)
 
 
 async def run_forever(host: str, port: int, tls_dir: str, bundle_id: str, team_id: str) -> None:

@@ -7,6 +7,10 @@ project and the message shape (firebase.google.com/docs/reference/fcm/rest/v1/pr
 one target, `data` a map of strings without reserved keys, `android.priority`, a Duration `ttl`,
 payload <= 4096 bytes) and answers in Google's RPC error format (../shared/notes/protocols.md §4).
 
+One TLS port, chosen per connection by ALPN: the send endpoint over HTTP/2 (h2's server side in
+the tests, `framing="lean"` in the benchmark; see h2server.py), the token endpoint and the
+control API over HTTP/1.1.
+
 Control API: `GET /_fake/pushes`, `DELETE /_fake/pushes`, `POST /_fake/script` {"status",
 "error_code", "times", "token", "retry_after", "delay", "field_violation"}.
 """
@@ -19,15 +23,19 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ringrelay.fakes.h2lean import LeanConnection
+from ringrelay.fakes.h2server import H2ServerConnection
 from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
 
@@ -41,6 +49,7 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL
 MAX_DATA_BYTES = 4096
 DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
+SEND_PATH = re.compile(r"^/v1/projects/([^/]+)/messages:send$")
 RESERVED_KEYS = {"from", "gcm", "message_type", "notification"}
 # errorCode -> (HTTP status, google.rpc status), FCM ErrorCode reference.
 ERRORS = {
@@ -76,6 +85,9 @@ def write_service_account(
     return info
 
 
+_Answer = tuple[int, dict[str, Any], float | None]  # status, JSON body, Retry-After seconds
+
+
 @dataclass
 class _Scripted:
     status: int
@@ -96,6 +108,13 @@ class FakeFCM:
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
     receipts: Receipts = field(default_factory=Receipts)
     token_requests: int = 0
+    # The HTTP/2 side: "h2" (h2's server, independent of the relay's client: the tests) or
+    # "lean" (the benchmark's load core; fakes/h2lean.py). Google's front ends advertise 100
+    # concurrent streams per connection.
+    framing: str = "h2"
+    validate_headers: bool = True
+    max_concurrent_streams: int = 100
+    connections_opened: int = 0
 
     def __post_init__(self) -> None:
         self.pushes = collections.deque(maxlen=self.capacity)
@@ -103,6 +122,8 @@ class FakeFCM:
         self._access_tokens: dict[str, tuple[str, float]] = {}  # token -> (project, expiry)
         self._script: list[_Scripted] = []
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[Any] = set()  # HTTP/2 connections
         self.base_url = ""
 
     @property
@@ -117,7 +138,6 @@ class FakeFCM:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_post("/token", self._token)
-        app.router.add_post("/v1/projects/{project}/messages:send", self._send)
         app.router.add_get("/_fake/pushes", self._get_pushes)
         app.router.add_delete("/_fake/pushes", self._delete_pushes)
         app.router.add_post("/_fake/script", self._post_script)
@@ -126,17 +146,37 @@ class FakeFCM:
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, tls_dir: str | None = None
     ) -> str:
-        ctx = make_test_certificates(tls_dir).server_context(["http/1.1"]) if tls_dir else None
+        """Serve on one port: HTTP/2 to a client that offers it in ALPN (the send endpoint, as
+        ringrelay and curl do), HTTP/1.1 otherwise (the token endpoint, which google-auth calls
+        without ALPN, and the control API). Without `tls_dir`: no send endpoint."""
+        ctx = (
+            make_test_certificates(tls_dir).server_context(["h2", "http/1.1"]) if tls_dir else None
+        )
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ctx, backlog=1024)
-        await site.start()
-        server: Any = site._server
-        bound = server.sockets[0].getsockname()[1]
+        http1 = self._runner.server
+        assert http1 is not None
+        lean = self.framing == "lean"
+        if self.framing not in ("h2", "lean"):
+            raise ValueError(f"framing must be 'h2' or 'lean', not {self.framing!r}")
+
+        def h2_connection() -> asyncio.Protocol:
+            return (LeanConnection if lean else H2ServerConnection)(self, self._on_h2_request)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _ByAlpn(http1, h2_connection), host, port, ssl=ctx, backlog=1024
+        )
+        bound = self._server.sockets[0].getsockname()[1]
         self.base_url = f"{'https' if ctx else 'http'}://{host}:{bound}"
         return self.base_url
 
     async def stop(self) -> None:
+        for conn in list(self._connections):
+            conn.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -213,7 +253,7 @@ class FakeFCM:
         error_code: str | None = None,
         violation: str | None = None,
         retry_after: float | None = None,
-    ) -> web.Response:
+    ) -> _Answer:
         details: list[dict[str, Any]] = []
         if error_code:
             details.append(
@@ -229,21 +269,11 @@ class FakeFCM:
                     "fieldViolations": [{"field": violation, "description": message}],
                 }
             )
-        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
-        return web.json_response(
-            {
-                "error": {
-                    "code": status,
-                    "message": message,
-                    "status": rpc_status,
-                    "details": details,
-                }
-            },
-            status=status,
-            headers=headers,
-        )
+        doc = {"error": {"code": status, "message": message, "status": rpc_status}}
+        doc["error"]["details"] = details
+        return status, doc, retry_after
 
-    def _shape_error(self, message: Any) -> web.Response | None:
+    def _shape_error(self, message: Any) -> _Answer | None:
         if not isinstance(message, dict):
             return self._error(400, "INVALID_ARGUMENT", "message is required")
         targets = [k for k in ("token", "fid", "topic", "condition") if message.get(k)]
@@ -289,28 +319,29 @@ class FakeFCM:
             )
         return None
 
-    async def _send(self, request: web.Request) -> web.Response:
-        project = request.match_info["project"]
-        bearer = request.headers.get("Authorization", "")
-        granted = self._access_tokens.get(bearer.removeprefix("Bearer "))
-        if not bearer.startswith("Bearer ") or granted is None or granted[1] < time.time():
+    def judge(
+        self, project: str, authorization: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[_Answer, float]:
+        """One send request, whatever carries it: (status, JSON answer, Retry-After), delay."""
+        granted = self._access_tokens.get(authorization.removeprefix("Bearer "))
+        if not authorization.startswith("Bearer ") or granted is None or granted[1] < time.time():
             self.counts[401] += 1
             return self._error(
                 401, "UNAUTHENTICATED", "Request had invalid authentication credentials."
-            )
+            ), 0.0
         if granted[0] != project:
             # Google answers a token of another project with PERMISSION_DENIED.
             self.counts[403] += 1
-            return self._error(403, "PERMISSION_DENIED", "Permission denied on this project.")
+            return self._error(403, "PERMISSION_DENIED", "Permission denied on this project."), 0.0
         try:
-            body = await request.json()
-        except ValueError:
-            return self._error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
-        message = body.get("message") if isinstance(body, dict) else None
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._error(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), 0.0
+        message = doc.get("message") if isinstance(doc, dict) else None
         problem = self._shape_error(message)
         if problem is not None:
-            self.counts[problem.status] += 1
-            return problem
+            self.counts[problem[0]] += 1
+            return problem, 0.0
         assert isinstance(message, dict)
         target = str(message.get("token") or message.get("fid"))
         for scripted in self._script:
@@ -318,12 +349,10 @@ class FakeFCM:
                 scripted.times -= 1
                 if scripted.times <= 0:
                     self._script.remove(scripted)
-                if scripted.delay:
-                    await asyncio.sleep(scripted.delay)
                 if scripted.status != 200:
                     self.counts[scripted.status] += 1
                     rpc = ERRORS.get(scripted.error_code, (0, "UNKNOWN"))[1]
-                    return self._error(
+                    answer = self._error(
                         scripted.status,
                         rpc,
                         f"scripted {scripted.error_code}",
@@ -331,7 +360,11 @@ class FakeFCM:
                         scripted.field_violation,
                         scripted.retry_after,
                     )
+                    return answer, scripted.delay
+                delay = scripted.delay
                 break
+        else:
+            delay = 0.0
         self.counts[200] += 1
         data = message.get("data") or {}
         self.receipts.append(str(data.get("callId", "")), time.monotonic())
@@ -342,12 +375,33 @@ class FakeFCM:
                     "project": project,
                     "token": target,
                     "message": message,
-                    "headers": dict(request.headers),
+                    "headers": headers,
                     "received_at": time.time(),
                     "name": name,
                 }
             )
-        return web.json_response({"name": name})
+        return (200, {"name": name}, None), delay
+
+    def _on_h2_request(
+        self, conn: Any, stream_id: int, fields: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """The send endpoint, over HTTP/2."""
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in fields}
+        route = SEND_PATH.match(headers.get(":path", ""))
+        if headers.get(":method") != "POST" or route is None:
+            self.counts[404] += 1
+            answer: _Answer = (404, {"error": {"code": 404, "status": "NOT_FOUND"}}, None)
+            delay = 0.0
+        else:
+            answer, delay = self.judge(
+                route.group(1), headers.get("authorization", ""), body, headers
+            )
+        status, doc, retry_after = answer
+        extra = [(b"retry-after", b"%g" % retry_after)] if retry_after is not None else []
+        if delay:
+            asyncio.get_running_loop().call_later(delay, conn._send, stream_id, status, doc, extra)
+        else:
+            conn._send(stream_id, status, doc, extra, flush=False)
 
     # --- control -------------------------------------------------------------------------------
 
@@ -375,6 +429,42 @@ class FakeFCM:
             field_violation=spec.get("field_violation"),
         )
         return web.Response(status=204)
+
+
+class _ByAlpn(asyncio.Protocol):
+    """Hands a TLS connection to the protocol its ALPN chose. asyncio calls connection_made
+    after the handshake, so the choice is known by then."""
+
+    def __init__(
+        self, http1: Callable[[], asyncio.Protocol], h2: Callable[[], asyncio.Protocol]
+    ) -> None:
+        self._factories = (http1, h2)
+        self._inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = transport.get_extra_info("ssl_object")
+        alpn = tls.selected_alpn_protocol() if tls is not None else None
+        self._inner = self._factories[alpn == "h2"]()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        assert self._inner is not None
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
 
 
 async def run_forever(host: str, port: int, tls_dir: str, project_id: str) -> None:

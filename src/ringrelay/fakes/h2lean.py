@@ -1,4 +1,4 @@
-"""The fake APNs's lean HTTP/2 server side, for the benchmark (`FakeAPNs(framing="lean")`).
+"""Lean HTTP/2 server side of the fake providers, for the benchmark (`framing="lean"`).
 
 Why: in the direct benchmark the fake shares the load core with the load generator, and on h2's
 server side it used 58-64 % of that core at half of the 5-device peak (91 % at the peak), most of
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -64,7 +63,7 @@ from ringrelay.providers.h2client import (
 )
 
 if TYPE_CHECKING:
-    from ringrelay.fakes.apns import FakeAPNs
+    from ringrelay.fakes.h2server import H2Owner, Headers, RequestHandler
 
 _FRAME_HEADER = struct.Struct(">HBBBL")
 _SETTING = struct.Struct(">HL")
@@ -100,15 +99,11 @@ class _Request:
 
 
 class LeanConnection(asyncio.Protocol):
-    """One client connection; the same surface `FakeAPNs` uses on its h2 connections."""
+    """One client connection; the surface of h2server.H2ServerConnection."""
 
     _ids = 0
 
-    def __init__(
-        self,
-        fake: FakeAPNs,
-        on_request: Callable[[LeanConnection, int, list[tuple[bytes, bytes]], bytes], None],
-    ) -> None:
+    def __init__(self, fake: H2Owner, on_request: RequestHandler) -> None:
         self.fake = fake
         self.on_request = on_request  # answers through `_send`, now or later
         self.transport: asyncio.Transport | None = None
@@ -280,7 +275,7 @@ class LeanConnection(asyncio.Protocol):
     # --- answers -------------------------------------------------------------------------------
 
     def _send(
-        self, stream_id: int, status: int, answer: Any, apns_id: str, flush: bool = True
+        self, stream_id: int, status: int, answer: Any, extra: Headers = (), flush: bool = True
     ) -> None:
         if self.transport is None or self.transport.is_closing():
             return
@@ -288,8 +283,8 @@ class LeanConnection(asyncio.Protocol):
             return  # reset by the client meanwhile
         body = orjson.dumps(answer) if answer is not None else b""
         block = _STATUS_200 if status == 200 else header_field(b":status", b"%d" % status)
-        if apns_id:
-            block += header_field(b"apns-id", apns_id.encode())
+        for name, value in extra:
+            block += header_field(name, value)
         if body:
             block += header_field(b"content-type", b"application/json")
             block += header_field(b"content-length", b"%d" % len(body))
