@@ -74,7 +74,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
             *("--control-port", str(control_port), "--tls-dir", str(work / "tls")),
             *("--team-id", TEAM, "--key-id", KEY_ID, "--public-key", str(public)),
             *("--bundle-id", BUNDLE, "--service-account", str(account)),
-            *("--apns-framing", a.fake_apns),
+            *("--framing", a.fake_framing),
         ],
         LOAD_CORE,
     )
@@ -247,10 +247,10 @@ def main() -> int:
     parser.add_argument("--transports", nargs="+", default=["notificationhubs", "apns", "fcm"])
     parser.add_argument("--rounds", type=int, default=None, help="default 2 (--quick: 1)")
     parser.add_argument(
-        "--fake-apns",
+        "--fake-framing",
         choices=["lean", "h2"],
         default="lean",
-        help="the fake APNs's HTTP/2 server: lean framing (default) or h2's server side",
+        help="the fake APNs and FCM servers' HTTP/2 side: lean framing (default) or h2's",
     )
     a = parser.parse_args()
     if a.quick:

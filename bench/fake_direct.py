@@ -29,16 +29,16 @@ async def main() -> None:
     parser.add_argument("--bundle-id", required=True)
     parser.add_argument("--service-account", required=True)
     parser.add_argument(
-        "--apns-framing",
+        "--framing",
         choices=["lean", "h2"],
         default="lean",
-        help="the fake APNs's HTTP/2 server side (src/ringrelay/fakes/h2lean.py says why lean)",
+        help="the fakes' HTTP/2 server side (src/ringrelay/fakes/h2lean.py says why lean)",
     )
     args = parser.parse_args()
 
-    apns = FakeAPNs(record_bodies=False, validate_headers=False, framing=args.apns_framing)
+    apns = FakeAPNs(record_bodies=False, validate_headers=False, framing=args.framing)
     apns.add_key(args.team_id, args.key_id, Path(args.public_key).read_bytes(), {args.bundle_id})
-    fcm = FakeFCM(record_bodies=False)
+    fcm = FakeFCM(record_bodies=False, validate_headers=False, framing=args.framing)
     await apns.start("127.0.0.1", args.apns_port, args.tls_dir)
     await fcm.start("127.0.0.1", args.fcm_port, args.tls_dir)
     fcm.trust_service_account(args.service_account)
