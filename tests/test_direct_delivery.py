@@ -11,12 +11,14 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 
 from ringrelay.fakes import tls
 from ringrelay.fakes.apns import FakeAPNs, write_signing_key
 from ringrelay.fakes.fcm import FakeFCM, write_service_account
 from ringrelay.providers.fcm import AccessToken, read_service_account
+from ringrelay.providers.h2client import H2Pool, header_block
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import (
     BackgroundLoop,
@@ -573,3 +575,32 @@ async def test_apns_unusable_connection_is_replaced(
     assert fake_apns.connections_opened == opened + 1
     [first, second] = list(fake_apns.pushes)[:2][::-1]
     assert first["connection"] != second["connection"]
+
+
+async def test_fake_fcm_serves_its_control_api_over_both_protocols(
+    fake_fcm: FakeFCM, certs: tls.TestCertificates
+) -> None:
+    """One port, chosen by ALPN: curl offers HTTP/2, google-auth does not offer ALPN at all."""
+    fake_fcm.receipts.append("call-x", 1.0)
+    ctx = certs.client_context()
+    async with aiohttp.ClientSession() as client:  # HTTP/1.1, no ALPN
+        async with client.get(f"{fake_fcm.base_url}/_fake/pushes", ssl=ctx) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["receipts"] == [["call-x", 1.0]]
+    h2ctx = certs.client_context()
+    h2ctx.set_alpn_protocols(["h2"])
+    pool = H2Pool("127.0.0.1", int(fake_fcm.base_url.rsplit(":", 1)[1]), h2ctx)
+    try:
+        block = header_block(
+            [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
+        ) + header_block([(b":path", b"/_fake/pushes")])
+        answer = await pool.request(block, b"", 5.0)
+        assert answer.status == 200
+        assert orjson.loads(answer.body)["receipts"] == [["call-x", 1.0]]
+        delete = header_block(
+            [(b":method", b"DELETE"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
+        ) + header_block([(b":path", b"/_fake/pushes")])
+        assert (await pool.request(delete, b"", 5.0)).status == 204
+        assert len(fake_fcm.receipts) == 0
+    finally:
+        await pool.close()

@@ -138,9 +138,9 @@ class FakeFCM:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_post("/token", self._token)
-        app.router.add_get("/_fake/pushes", self._get_pushes)
-        app.router.add_delete("/_fake/pushes", self._delete_pushes)
-        app.router.add_post("/_fake/script", self._post_script)
+        app.router.add_get("/_fake/pushes", self._control)
+        app.router.add_delete("/_fake/pushes", self._control)
+        app.router.add_post("/_fake/script", self._control)
         return app
 
     async def start(
@@ -148,7 +148,7 @@ class FakeFCM:
     ) -> str:
         """Serve on one port: HTTP/2 to a client that offers it in ALPN (the send endpoint, as
         ringrelay and curl do), HTTP/1.1 otherwise (the token endpoint, which google-auth calls
-        without ALPN, and the control API). Without `tls_dir`: no send endpoint."""
+        without ALPN); the control API on both. Without `tls_dir`: no send endpoint."""
         ctx = (
             make_test_certificates(tls_dir).server_context(["h2", "http/1.1"]) if tls_dir else None
         )
@@ -385,17 +385,15 @@ class FakeFCM:
     def _on_h2_request(
         self, conn: Any, stream_id: int, fields: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
-        """The send endpoint, over HTTP/2."""
+        """The send endpoint (and the control API), over HTTP/2."""
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in fields}
-        route = SEND_PATH.match(headers.get(":path", ""))
-        if headers.get(":method") != "POST" or route is None:
-            self.counts[404] += 1
-            answer: _Answer = (404, {"error": {"code": 404, "status": "NOT_FOUND"}}, None)
-            delay = 0.0
-        else:
-            answer, delay = self.judge(
-                route.group(1), headers.get("authorization", ""), body, headers
-            )
+        path, method = headers.get(":path", ""), headers.get(":method", "")
+        route = SEND_PATH.match(path)
+        if method != "POST" or route is None:
+            status, control_doc = self.control(method, path.partition("?")[0], body)
+            conn._send(stream_id, status, control_doc, flush=False)
+            return
+        answer, delay = self.judge(route.group(1), headers.get("authorization", ""), body, headers)
         status, doc, retry_after = answer
         extra = [(b"retry-after", b"%g" % retry_after)] if retry_after is not None else []
         if delay:
@@ -405,30 +403,33 @@ class FakeFCM:
 
     # --- control -------------------------------------------------------------------------------
 
-    async def _get_pushes(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "pushes": [{**p, "headers": {}} for p in self.pushes],
-                "receipts": self.receipts.as_json(),
-            }
-        )
+    def control(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        """The control API, whichever protocol carries it (curl offers HTTP/2)."""
+        if path == "/_fake/pushes" and method == "GET":
+            pushes = [{**p, "headers": {}} for p in self.pushes]
+            return 200, {"pushes": pushes, "receipts": self.receipts.as_json()}
+        if path == "/_fake/pushes" and method == "DELETE":
+            self.reset()
+            return 204, None
+        if path == "/_fake/script" and method == "POST":
+            spec = orjson.loads(body)
+            self.respond(
+                int(spec["status"]),
+                str(spec.get("error_code", "")),
+                int(spec.get("times", 1)),
+                token=spec.get("token"),
+                retry_after=spec.get("retry_after"),
+                delay=float(spec.get("delay", 0)),
+                field_violation=spec.get("field_violation"),
+            )
+            return 204, None
+        return 404, {"error": {"code": 404, "status": "NOT_FOUND"}}
 
-    async def _delete_pushes(self, request: web.Request) -> web.Response:
-        self.reset()
-        return web.Response(status=204)
-
-    async def _post_script(self, request: web.Request) -> web.Response:
-        spec = await request.json()
-        self.respond(
-            int(spec["status"]),
-            str(spec.get("error_code", "")),
-            int(spec.get("times", 1)),
-            token=spec.get("token"),
-            retry_after=spec.get("retry_after"),
-            delay=float(spec.get("delay", 0)),
-            field_violation=spec.get("field_violation"),
-        )
-        return web.Response(status=204)
+    async def _control(self, request: web.Request) -> web.Response:
+        status, doc = self.control(request.method, request.path, await request.read())
+        if doc is None:
+            return web.Response(status=status)
+        return web.json_response(doc, status=status)
 
 
 class _ByAlpn(asyncio.Protocol):
