@@ -44,13 +44,11 @@ from ringrelay.providers.h2client import (
     FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
-    MAX_STREAM_ID,
     MAX_WINDOW,
     NO_ERROR,
     PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     PUSH_PROMISE,
     RST_STREAM,
@@ -59,34 +57,21 @@ from ringrelay.providers.h2client import (
     SETTINGS_MAX_CONCURRENT_STREAMS,
     SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
+    HeaderBlocks,
+    ProtocolViolation,
+    encode_frame,
     header_field,
+    read_frames,
+    unpad,
 )
 
 if TYPE_CHECKING:
     from ringrelay.fakes.h2server import H2Owner, Headers, RequestHandler
 
-_FRAME_HEADER = struct.Struct(">HBBBL")
 _SETTING = struct.Struct(">HL")
 _STATUS_200 = header_field(b":status", b"200")
 # h2's WindowManager: replenish once half the window is consumed, or sooner once it is empty.
 _REPLENISH_AT = DEFAULT_WINDOW // 2
-
-
-class _Violation(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEADER.pack(n >> 8, n & 0xFF, kind, flags, stream_id) + payload
-
-
-def _unpad(payload: bytes) -> bytes:
-    if not payload or payload[0] >= len(payload):
-        raise _Violation(PROTOCOL_ERROR, "padding longer than the frame")
-    return payload[1 : len(payload) - payload[0]]
 
 
 class _Request:
@@ -116,7 +101,7 @@ class LeanConnection(asyncio.Protocol):
         self._inbox = bytearray()
         self._preface_seen = False
         self._decoder = Decoder()
-        self._continued: tuple[int, int, list[bytes]] | None = None  # stream, flags, fragments
+        self._header_blocks = HeaderBlocks()
         self._out: list[bytes] = []
         self._unacknowledged = 0  # DATA bytes received since our last connection WINDOW_UPDATE
         # What the client lets us send: answers' bodies are a few dozen bytes, but a client
@@ -134,7 +119,7 @@ class LeanConnection(asyncio.Protocol):
         self.fake.connections_opened += 1
         self.fake._connections.add(self)
         settings = _SETTING.pack(SETTINGS_MAX_CONCURRENT_STREAMS, self.fake.max_concurrent_streams)
-        self._out.append(_frame(SETTINGS, 0, 0, settings))
+        self._out.append(encode_frame(SETTINGS, 0, 0, settings))
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -143,56 +128,35 @@ class LeanConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         inbox = self._inbox
         inbox += data
-        position = 0
         try:
             if not self._preface_seen:
                 if len(inbox) < len(PREFACE):
                     return
                 if inbox[: len(PREFACE)] != PREFACE:
-                    raise _Violation(PROTOCOL_ERROR, "no client preface")
+                    raise ProtocolViolation(PROTOCOL_ERROR, "no client preface")
                 self._preface_seen = True
-                position = len(PREFACE)
-            while len(inbox) - position >= 9:
-                high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(inbox, position)
-                length = (high << 8) | low
-                if length > DEFAULT_MAX_FRAME:
-                    raise _Violation(FRAME_SIZE_ERROR, f"{length}-byte frame")
-                end = position + 9 + length
-                if end > len(inbox):
-                    break
-                payload = bytes(inbox[position + 9 : end])
-                position = end
-                self._on_frame(kind, flags, stream_id & MAX_STREAM_ID, payload)
-        except _Violation as exc:
+                del inbox[: len(PREFACE)]
+            for kind, flags, stream_id, payload in read_frames(inbox):
+                self._on_frame(kind, flags, stream_id, payload)
+        except ProtocolViolation as exc:
             self._goaway(exc.code, str(exc).encode())
             return
-        del inbox[:position]
         self._flush()
 
     # --- frames in -----------------------------------------------------------------------------
 
     def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self._continued is not None and kind != CONTINUATION:
-            raise _Violation(PROTOCOL_ERROR, "header block interrupted")
+        if self._header_blocks.open and kind != CONTINUATION:
+            raise ProtocolViolation(PROTOCOL_ERROR, "header block interrupted")
         if kind == DATA:
             self._on_data(stream_id, flags, payload)
-        elif kind == HEADERS:
-            if flags & PADDED:
-                payload = _unpad(payload)
-            if flags & PRIORITY_FLAG:
-                payload = payload[5:]
-            if flags & END_HEADERS:
-                self._on_headers(stream_id, flags, payload)
-            else:
-                self._continued = (stream_id, flags, [payload])
-        elif kind == CONTINUATION:
-            if self._continued is None or self._continued[0] != stream_id:
-                raise _Violation(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._continued[2].append(payload)
-            if flags & END_HEADERS:
-                stream_id, first_flags, fragments = self._continued
-                self._continued = None
-                self._on_headers(stream_id, first_flags, b"".join(fragments))
+        elif kind == HEADERS or kind == CONTINUATION:
+            blocks = self._header_blocks
+            done = (blocks.headers if kind == HEADERS else blocks.continuation)(
+                stream_id, flags, payload
+            )
+            if done is not None:
+                self._on_headers(*done)
         elif kind == SETTINGS:
             if not flags & ACK:
                 self._on_settings(payload)
@@ -201,13 +165,13 @@ class LeanConnection(asyncio.Protocol):
             if stream_id == 0:
                 self._send_window += increment
                 if self._send_window > MAX_WINDOW:
-                    raise _Violation(FLOW_CONTROL_ERROR, "connection window overflow")
+                    raise ProtocolViolation(FLOW_CONTROL_ERROR, "connection window overflow")
             elif stream_id in self._stream_windows:
                 self._stream_windows[stream_id] += increment
             self._send_queued()
         elif kind == PING:
             if not flags & ACK:
-                self._out.append(_frame(PING, ACK, 0, payload))
+                self._out.append(encode_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             self.requests.pop(stream_id, None)
             self._stream_windows.pop(stream_id, None)
@@ -215,16 +179,18 @@ class LeanConnection(asyncio.Protocol):
         elif kind == GOAWAY:
             self._closing = True
         elif kind == PUSH_PROMISE:
-            raise _Violation(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            raise ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
 
     def _on_headers(self, stream_id: int, flags: int, block: bytes) -> None:
         try:
             fields = self._decoder.decode(block, raw=True)
         except HPACKError as exc:
-            raise _Violation(PROTOCOL_ERROR, f"header block: {exc}") from exc
+            raise ProtocolViolation(PROTOCOL_ERROR, f"header block: {exc}") from exc
         if stream_id % 2 == 0 or stream_id <= self.highest_stream:
-            raise _Violation(PROTOCOL_ERROR, f"stream {stream_id} is not a new client stream")
+            raise ProtocolViolation(
+                PROTOCOL_ERROR, f"stream {stream_id} is not a new client stream"
+            )
         self.highest_stream = stream_id
         request = _Request([(bytes(n), bytes(v)) for n, v in fields])
         self._stream_windows[stream_id] = self._initial_stream_window
@@ -237,13 +203,15 @@ class LeanConnection(asyncio.Protocol):
         size = len(payload)  # padding counts against the window (RFC 9113 §6.1)
         self._unacknowledged += size
         if self._unacknowledged >= _REPLENISH_AT:
-            self._out.append(_frame(WINDOW_UPDATE, 0, 0, self._unacknowledged.to_bytes(4, "big")))
+            self._out.append(
+                encode_frame(WINDOW_UPDATE, 0, 0, self._unacknowledged.to_bytes(4, "big"))
+            )
             self._unacknowledged = 0
         request = self.requests.get(stream_id)
         if request is None:
             return
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         request.body += payload
         if flags & END_STREAM:
             del self.requests[stream_id]
@@ -252,24 +220,24 @@ class LeanConnection(asyncio.Protocol):
         request.unacknowledged += size
         if request.unacknowledged >= _REPLENISH_AT:
             increment = request.unacknowledged.to_bytes(4, "big")
-            self._out.append(_frame(WINDOW_UPDATE, 0, stream_id, increment))
+            self._out.append(encode_frame(WINDOW_UPDATE, 0, stream_id, increment))
             request.unacknowledged = 0
 
     def _on_settings(self, payload: bytes) -> None:
         if len(payload) % 6:
-            raise _Violation(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
         for offset in range(0, len(payload), 6):
             code, value = _SETTING.unpack_from(payload, offset)
             if code == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise _Violation(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise ProtocolViolation(FLOW_CONTROL_ERROR, "initial window too large")
                 delta, self._initial_stream_window = value - self._initial_stream_window, value
                 for stream_id in self._stream_windows:
                     self._stream_windows[stream_id] += delta
             elif code == SETTINGS_MAX_FRAME_SIZE and not DEFAULT_MAX_FRAME <= value < 2**24:
-                raise _Violation(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
+                raise ProtocolViolation(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
             # Our frames are small; the other settings do not bind a server's answers.
-        self._out.append(_frame(SETTINGS, ACK, 0))
+        self._out.append(encode_frame(SETTINGS, ACK, 0))
         self._send_queued()
 
     # --- answers -------------------------------------------------------------------------------
@@ -288,11 +256,11 @@ class LeanConnection(asyncio.Protocol):
         if body:
             block += header_field(b"content-type", b"application/json")
             block += header_field(b"content-length", b"%d" % len(body))
-            self._out.append(_frame(HEADERS, END_HEADERS, stream_id, block))
+            self._out.append(encode_frame(HEADERS, END_HEADERS, stream_id, block))
             self._queued.append((stream_id, body))
             self._send_queued()
         else:
-            self._out.append(_frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block))
+            self._out.append(encode_frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block))
             del self._stream_windows[stream_id]
         if flush:
             self._flush()
@@ -306,7 +274,7 @@ class LeanConnection(asyncio.Protocol):
                 continue
             self._send_window -= len(body)
             del self._stream_windows[stream_id]
-            self._out.append(_frame(DATA, END_STREAM, stream_id, body))
+            self._out.append(encode_frame(DATA, END_STREAM, stream_id, body))
         self._queued = waiting
 
     def _flush(self) -> None:
@@ -320,7 +288,7 @@ class LeanConnection(asyncio.Protocol):
 
     def _goaway(self, code: int, debug: bytes) -> None:
         payload = self.highest_stream.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
-        self._out.append(_frame(GOAWAY, 0, 0, payload))
+        self._out.append(encode_frame(GOAWAY, 0, 0, payload))
         self._closing = True
         self._flush()
         if code != NO_ERROR and self.transport is not None:

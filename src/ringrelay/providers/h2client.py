@@ -33,7 +33,7 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from hpack import Decoder
@@ -84,7 +84,9 @@ class StreamNotProcessed(H2Error):
     """GOAWAY or REFUSED_STREAM: the server did not act on the stream, so resending is safe."""
 
 
-class _ProtocolViolation(Exception):
+class ProtocolViolation(Exception):
+    """The peer broke RFC 9113: the connection ends with GOAWAY carrying `code`."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -151,9 +153,67 @@ class _Stream:
     body: bytearray = field(default_factory=bytearray)
 
 
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
+def encode_frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
     length = len(payload)
     return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id) + payload
+
+
+def read_frames(inbox: bytearray) -> Iterator[tuple[int, int, int, bytes]]:
+    """The complete frames at the start of `inbox` as (type, flags, stream id, payload); what
+    they took is removed from `inbox` when the iteration ends, however it ends. Frames over
+    the default SETTINGS_MAX_FRAME_SIZE are refused (neither side here raises it)."""
+    position = 0
+    try:
+        while len(inbox) - position >= 9:
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(inbox, position)
+            length = (high << 8) | low
+            if length > DEFAULT_MAX_FRAME:
+                raise ProtocolViolation(FRAME_SIZE_ERROR, f"{length}-byte frame")
+            end = position + 9 + length
+            if end > len(inbox):
+                break
+            payload = bytes(inbox[position + 9 : end])
+            position = end
+            yield kind, flags, stream_id & MAX_STREAM_ID, payload
+    finally:
+        del inbox[:position]
+
+
+class HeaderBlocks:
+    """Joins a header block sent as HEADERS and CONTINUATION frames (RFC 9113 §6.2, §6.10): the
+    HEADERS or CONTINUATION that ends it returns (stream id, the HEADERS frame's flags, block)."""
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: tuple[int, int, list[bytes]] | None = None
+
+    @property
+    def open(self) -> bool:
+        """A block is incomplete: any frame but its CONTINUATION is a protocol error."""
+        return self._open is not None
+
+    def headers(self, stream_id: int, flags: int, payload: bytes) -> tuple[int, int, bytes] | None:
+        if flags & PADDED:
+            payload = unpad(payload)
+        if flags & PRIORITY_FLAG:
+            payload = payload[5:]
+        if flags & END_HEADERS:
+            return stream_id, flags, payload
+        self._open = (stream_id, flags, [payload])
+        return None
+
+    def continuation(
+        self, stream_id: int, flags: int, payload: bytes
+    ) -> tuple[int, int, bytes] | None:
+        if self._open is None or self._open[0] != stream_id:
+            raise ProtocolViolation(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        self._open[2].append(payload)
+        if not flags & END_HEADERS:
+            return None
+        stream_id, first_flags, fragments = self._open
+        self._open = None
+        return stream_id, first_flags, b"".join(fragments)
 
 
 class H2Connection(asyncio.Protocol):
@@ -179,8 +239,7 @@ class H2Connection(asyncio.Protocol):
         self._max_frame = DEFAULT_MAX_FRAME
         self._window_waiters: list[asyncio.Future[None]] = []
         self._received_unacknowledged = 0
-        # A header block split over CONTINUATION frames: (stream id, END_STREAM, fragments).
-        self._continued: tuple[int, bool, list[bytes]] | None = None
+        self._header_blocks = HeaderBlocks()
         self._ping: asyncio.Future[None] | None = None
 
     # --- capacity ----------------------------------------------------------------------------
@@ -213,34 +272,22 @@ class H2Connection(asyncio.Protocol):
         )
         increment = CONNECTION_RECEIVE_WINDOW - DEFAULT_WINDOW
         self._send(PREFACE)
-        self._send(_frame(SETTINGS, 0, 0, settings))
-        self._send(_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+        self._send(encode_frame(SETTINGS, 0, 0, settings))
+        self._send(encode_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
         self._flush()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        inbox = self._inbox
-        inbox += data
-        position = 0
+        self._inbox += data
         try:
-            while len(inbox) - position >= 9:
-                high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(inbox, position)
-                length = (high << 8) | low
-                if length > DEFAULT_MAX_FRAME:  # we never raise our SETTINGS_MAX_FRAME_SIZE
-                    raise _ProtocolViolation(FRAME_SIZE_ERROR, f"{length}-byte frame")
-                end = position + 9 + length
-                if end > len(inbox):
-                    break
-                payload = bytes(inbox[position + 9 : end])
-                position = end
-                self._on_frame(kind, flags, stream_id & MAX_STREAM_ID, payload)
-        except _ProtocolViolation as exc:
+            for kind, flags, stream_id, payload in read_frames(self._inbox):
+                self._on_frame(kind, flags, stream_id, payload)
+        except ProtocolViolation as exc:
             log.warning("HTTP/2 protocol error from %s: %s", self.pool.authority, exc)
-            self._send(_frame(GOAWAY, 0, 0, _goaway_payload(0, exc.code)))
+            self._send(encode_frame(GOAWAY, 0, 0, _goaway_payload(0, exc.code)))
             self._flush()
             self._abort(H2ConnectionLost(f"protocol error: {exc}"))
             return
-        del inbox[:position]
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -255,25 +302,15 @@ class H2Connection(asyncio.Protocol):
     # --- frames in -----------------------------------------------------------------------------
 
     def _on_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self._continued is not None and kind != CONTINUATION:
-            raise _ProtocolViolation(PROTOCOL_ERROR, "header block interrupted")
-        if kind == HEADERS:
-            if flags & PADDED:
-                payload = _unpad(payload)
-            if flags & PRIORITY_FLAG:
-                payload = payload[5:]
-            if flags & END_HEADERS:
-                self._on_headers(stream_id, bool(flags & END_STREAM), payload)
-            else:
-                self._continued = (stream_id, bool(flags & END_STREAM), [payload])
-        elif kind == CONTINUATION:
-            if self._continued is None or self._continued[0] != stream_id:
-                raise _ProtocolViolation(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._continued[2].append(payload)
-            if flags & END_HEADERS:
-                stream_id, end_stream, fragments = self._continued
-                self._continued = None
-                self._on_headers(stream_id, end_stream, b"".join(fragments))
+        if self._header_blocks.open and kind != CONTINUATION:
+            raise ProtocolViolation(PROTOCOL_ERROR, "header block interrupted")
+        if kind == HEADERS or kind == CONTINUATION:
+            blocks = self._header_blocks
+            done = (blocks.headers if kind == HEADERS else blocks.continuation)(
+                stream_id, flags, payload
+            )
+            if done is not None:
+                self._on_headers(done[0], bool(done[1] & END_STREAM), done[2])
         elif kind == DATA:
             self._on_data(stream_id, flags, payload)
         elif kind == WINDOW_UPDATE:
@@ -288,11 +325,11 @@ class H2Connection(asyncio.Protocol):
                 if self._ping is not None and not self._ping.done():
                     self._ping.set_result(None)
             else:
-                self._send(_frame(PING, ACK, 0, payload))
+                self._send(encode_frame(PING, ACK, 0, payload))
         elif kind == GOAWAY:
             self._on_goaway(payload)
         elif kind == PUSH_PROMISE:
-            raise _ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE after ENABLE_PUSH=0")
+            raise ProtocolViolation(PROTOCOL_ERROR, "PUSH_PROMISE after ENABLE_PUSH=0")
         # PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
 
     def _on_headers(self, stream_id: int, end_stream: bool, block: bytes) -> None:
@@ -300,7 +337,7 @@ class H2Connection(asyncio.Protocol):
             # Decoded even when the stream is gone: the dynamic table must stay in step.
             fields = self._decoder.decode(block, raw=True)
         except HPACKError as exc:
-            raise _ProtocolViolation(COMPRESSION_ERROR, f"header block: {exc}") from exc
+            raise ProtocolViolation(COMPRESSION_ERROR, f"header block: {exc}") from exc
         stream = self.streams.get(stream_id)
         if stream is None:
             return
@@ -308,7 +345,7 @@ class H2Connection(asyncio.Protocol):
         for name, value in fields:
             if name == b":status":
                 if not value.isdigit():
-                    raise _ProtocolViolation(PROTOCOL_ERROR, f":status {value[:20]!r}")
+                    raise ProtocolViolation(PROTOCOL_ERROR, f":status {value[:20]!r}")
                 status = int(value)
             elif not stream.status:
                 stream.headers[bytes(name)] = bytes(value)
@@ -328,12 +365,12 @@ class H2Connection(asyncio.Protocol):
         self._received_unacknowledged += len(payload)  # padding counts (RFC 9113 §6.1)
         if self._received_unacknowledged >= CONNECTION_RECEIVE_WINDOW // 2:
             increment, self._received_unacknowledged = self._received_unacknowledged, 0
-            self._send(_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+            self._send(encode_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
         stream = self.streams.get(stream_id)
         if stream is None:
             return
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         stream.body += payload
         if len(stream.body) > MAX_ANSWER_BODY:
             self._reset(stream_id, CANCEL)
@@ -346,7 +383,7 @@ class H2Connection(asyncio.Protocol):
         if stream_id == 0:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
-                raise _ProtocolViolation(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise ProtocolViolation(FLOW_CONTROL_ERROR, "connection window overflow")
         elif (stream := self.streams.get(stream_id)) is not None:
             stream.send_window += increment
         self._wake_window_waiters()
@@ -359,23 +396,23 @@ class H2Connection(asyncio.Protocol):
 
     def _on_settings(self, payload: bytes) -> None:
         if len(payload) % 6:
-            raise _ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            raise ProtocolViolation(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
         for offset in range(0, len(payload), 6):
             code, value = _SETTING.unpack_from(payload, offset)
             if code == SETTINGS_MAX_CONCURRENT_STREAMS:
                 self._max_streams = value
             elif code == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise _ProtocolViolation(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise ProtocolViolation(FLOW_CONTROL_ERROR, "initial window too large")
                 delta, self._initial_send_window = value - self._initial_send_window, value
                 for stream in self.streams.values():
                     stream.send_window += delta
             elif code == SETTINGS_MAX_FRAME_SIZE:
                 if not DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
-                    raise _ProtocolViolation(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
+                    raise ProtocolViolation(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value}")
                 self._max_frame = value
             # HEADER_TABLE_SIZE bounds a dynamic table we never use; the others do not apply.
-        self._send(_frame(SETTINGS, ACK, 0))
+        self._send(encode_frame(SETTINGS, ACK, 0))
         if not self.ready.done():
             self.ready.set_result(None)
         self._wake_window_waiters()
@@ -444,7 +481,7 @@ class H2Connection(asyncio.Protocol):
         self._flush()
 
     def _reset(self, stream_id: int, code: int) -> None:
-        self._send(_frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
+        self._send(encode_frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))
         self._flush_soon()
 
     def _wake_window_waiters(self) -> None:
@@ -477,7 +514,7 @@ class H2Connection(asyncio.Protocol):
                     continue
                 chunk = min(window, self._max_frame, len(view))
                 last = chunk == len(view)
-                self._send(_frame(DATA, END_STREAM if last else 0, stream_id, view[:chunk]))
+                self._send(encode_frame(DATA, END_STREAM if last else 0, stream_id, view[:chunk]))
                 stream.send_window -= chunk
                 self._send_window -= chunk
                 self._flush_soon()
@@ -494,13 +531,13 @@ class H2Connection(asyncio.Protocol):
     def _send_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         flags = END_STREAM if end_stream else 0
         if len(block) <= self._max_frame:
-            self._send(_frame(HEADERS, flags | END_HEADERS, stream_id, block))
+            self._send(encode_frame(HEADERS, flags | END_HEADERS, stream_id, block))
         else:
             first, rest = block[: self._max_frame], block[self._max_frame :]
-            self._send(_frame(HEADERS, flags, stream_id, first))
+            self._send(encode_frame(HEADERS, flags, stream_id, first))
             while rest:
                 piece, rest = rest[: self._max_frame], rest[self._max_frame :]
-                self._send(_frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, piece))
+                self._send(encode_frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, piece))
         self._flush_soon()
 
     async def ping(self, time_limit: float) -> bool:
@@ -508,7 +545,7 @@ class H2Connection(asyncio.Protocol):
             return False
         if self._ping is None or self._ping.done():  # one PING in flight, shared by callers
             self._ping = asyncio.get_running_loop().create_future()
-            self._send(_frame(PING, 0, 0, b"ringrly!"))
+            self._send(encode_frame(PING, 0, 0, b"ringrly!"))
             self._flush()
         try:
             async with asyncio.timeout(time_limit):
@@ -533,7 +570,7 @@ class H2Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None and not self.transport.is_closing():
             last = max(self._next_stream_id - 2, 0)
-            self._send(_frame(GOAWAY, 0, 0, _goaway_payload(last, NO_ERROR)))
+            self._send(encode_frame(GOAWAY, 0, 0, _goaway_payload(last, NO_ERROR)))
             self._flush()
             self.transport.close()
         self._fail_all(H2ConnectionLost("connection closed"))
@@ -557,10 +594,10 @@ class H2Connection(asyncio.Protocol):
         self.pool._forget(self)
 
 
-def _unpad(payload: bytes) -> bytes:
+def unpad(payload: bytes) -> bytes:
     """RFC 9113 §6.1/§6.2: the first byte is the padding length."""
     if not payload or payload[0] >= len(payload):
-        raise _ProtocolViolation(PROTOCOL_ERROR, "padding longer than the frame")
+        raise ProtocolViolation(PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1 : len(payload) - payload[0]]
 
 
