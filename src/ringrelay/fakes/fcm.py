@@ -7,9 +7,9 @@ project and the message shape (firebase.google.com/docs/reference/fcm/rest/v1/pr
 one target, `data` a map of strings without reserved keys, `android.priority`, a Duration `ttl`,
 payload <= 4096 bytes) and answers in Google's RPC error format (../shared/notes/protocols.md §4).
 
-One TLS port, chosen per connection by ALPN: the send endpoint over HTTP/2 (h2's server side in
-the tests, `framing="lean"` in the benchmark; see h2server.py), the token endpoint and the
-control API over HTTP/1.1.
+One TLS port, the protocol chosen per connection by ALPN: the send endpoint over HTTP/2 (h2's
+server side in the tests, `framing="lean"` in the benchmark; see h2server.py), the token
+endpoint over HTTP/1.1 (google-auth offers no ALPN), the control API over either.
 
 Control API: `GET /_fake/pushes`, `DELETE /_fake/pushes`, `POST /_fake/script` {"status",
 "error_code", "times", "token", "retry_after", "delay", "field_violation"}.
