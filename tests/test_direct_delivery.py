@@ -582,11 +582,15 @@ async def test_fake_fcm_serves_its_control_api_over_both_protocols(
 ) -> None:
     """One port, chosen by ALPN: curl offers HTTP/2, google-auth does not offer ALPN at all."""
     fake_fcm.receipts.append("call-x", 1.0)
+    fake_fcm.pushes.appendleft({"token": fcm_token(7), "message": {}, "headers": {"a": "b"}})
     ctx = certs.client_context()
     async with aiohttp.ClientSession() as client:  # HTTP/1.1, no ALPN
         async with client.get(f"{fake_fcm.base_url}/_fake/pushes", ssl=ctx) as resp:
             assert resp.status == 200
-            assert (await resp.json())["receipts"] == [["call-x", 1.0]]
+            listing = await resp.json()
+    assert listing["receipts"] == [["call-x", 1.0]]
+    # Listed as the fake APNs lists them: no full token, no headers (the bearer is one).
+    assert listing["pushes"] == [{"token": fcm_token(7)[:8] + "…", "message": {}, "headers": {}}]
     h2ctx = certs.client_context()
     h2ctx.set_alpn_protocols(["h2"])
     pool = H2Pool("127.0.0.1", int(fake_fcm.base_url.rsplit(":", 1)[1]), h2ctx)
