@@ -1,7 +1,8 @@
 """The fake APNs's lean HTTP/2 server (the benchmark's, `FakeAPNs(framing="lean")`) over TLS on
 loopback, driven by the relay's HTTP/2 client: that it applies Apple's checks, answers with
-bodies, keeps the client's flow control moving past its 64 KB window, answers PING, and that a
-GOAWAY or a dropped connection loses no push."""
+bodies, keeps the client's flow control moving past its 64 KB window, holds an answer's body
+until the client's window admits it, answers PING, and that a GOAWAY or a dropped connection
+loses no push."""
 
 from __future__ import annotations
 
@@ -129,3 +130,62 @@ async def test_a_push_in_flight_survives_goaway_or_a_dropped_connection(lean, ho
     again = await p.request(push(token), body("call-2"), 5.0)
     assert again.status == 200
     assert fake.connections_opened == 2
+
+
+async def test_an_answer_body_waits_for_the_clients_window(lean, tmp_path: Path) -> None:
+    """A client that opens only 10 bytes of window gets the answer's headers at once and its
+    JSON body only after a WINDOW_UPDATE (RFC 9113 §6.9): driven with h2's client side."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    fake, _, token = lean
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+    ctx.set_alpn_protocols(["h2"])
+    port = int(fake.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+    headers = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "127.0.0.1"),
+        (":path", "/3/device/" + "ab" * 32),
+        ("apns-topic", "com.other.app.voip"),  # answered 400 TopicDisallowed, with a body
+        ("apns-push-type", "voip"),
+        ("authorization", "bearer " + token),
+    ]
+    client.send_headers(1, headers)
+    client.send_data(1, body("call-1"), end_stream=True)
+    writer.write(client.data_to_send())
+
+    async def events_until(kind: type, seconds: float = 2.0) -> list[Any]:
+        seen: list[Any] = []
+        async with asyncio.timeout(seconds):
+            while not any(isinstance(e, kind) for e in seen):
+                seen += client.receive_data(await reader.read(65536))
+                writer.write(client.data_to_send())
+        return seen
+
+    try:
+        first = await events_until(h2.events.ResponseReceived)
+        assert (
+            dict(next(e for e in first if isinstance(e, h2.events.ResponseReceived)).headers)[
+                b":status"
+            ]
+            == b"400"
+        )
+        assert not any(isinstance(e, h2.events.DataReceived) for e in first)
+        with pytest.raises(TimeoutError):
+            await events_until(h2.events.DataReceived, 0.3)  # held: 10 bytes of window
+        client.increment_flow_control_window(1000, stream_id=1)
+        writer.write(client.data_to_send())
+        later = await events_until(h2.events.StreamEnded)
+        data = b"".join(e.data for e in later if isinstance(e, h2.events.DataReceived))
+        assert orjson.loads(data) == {"reason": "TopicDisallowed"}
+    finally:
+        writer.close()
