@@ -17,10 +17,12 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
-from hpack import Decoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hpack.exceptions import InvalidTableIndex
 
 from ringrelay.fakes.tls import make_test_certificates
 from ringrelay.providers.h2client import (
+    CachingDecoder,
     H2ConnectionLost,
     H2Pool,
     header_block,
@@ -54,6 +56,56 @@ def test_request_headers_decode_as_sent_without_touching_the_dynamic_table() -> 
     ]
     assert isinstance(fields[-1], NeverIndexedHeaderTuple)
     assert len(decoder.header_table.dynamic_entries) == 0  # nothing for the server to track
+
+
+def test_a_repeated_answer_block_decodes_from_the_cache_while_the_table_is_unchanged() -> None:
+    encoder, decoder = Encoder(), CachingDecoder()
+    # A server indexing its headers (as Google's front ends do): the first answer inserts them,
+    # the ones after refer to the table with one-byte references, the same bytes each time.
+    answer = [(b":status", b"200"), (b"content-type", b"application/json"), (b"x-id", b"a")]
+    first = encoder.encode(answer)
+    second = encoder.encode(answer)
+    assert second != first and encoder.encode(answer) == second
+    for block in (first, second, second, second):
+        assert decoder.decode(block) == answer
+    assert decoder.hits == 2  # the first of `second` decoded, its repeats remembered
+
+    # The same bytes mean other fields once the table changed: a new insertion shifts the
+    # dynamic indices (62 is now the new entry), so `second` must be decoded afresh.
+    shifted = encoder.encode([(b":status", b"200"), (b"x-other", b"b")])
+    assert decoder.decode(shifted) == [(b":status", b"200"), (b"x-other", b"b")]
+    reference = Decoder()
+    for block in (first, second, shifted):
+        reference.decode(block, raw=True)
+    expected = [(bytes(n), bytes(v)) for n, v in reference.decode(second, raw=True)]
+    assert expected != answer  # the premise: these bytes now name other entries
+    hits = decoder.hits
+    assert decoder.decode(second) == expected
+    assert decoder.hits == hits
+
+
+def test_a_table_resize_in_a_block_invalidates_the_cache() -> None:
+    encoder, decoder = Encoder(), CachingDecoder()
+    answer = [(b"x-id", b"a")]
+    inserting, referring = encoder.encode(answer), encoder.encode(answer)
+    assert decoder.decode(inserting) == answer
+    assert decoder.decode(referring) == answer
+    assert decoder.decode(referring) == answer and decoder.hits == 1
+    # A dynamic table size update to 0 evicts every entry (RFC 7541 §6.3): the reference now
+    # points nowhere, and a remembered answer would hide the server's protocol error.
+    encoder.header_table_size = 0
+    assert decoder.decode(encoder.encode([(b":status", b"204")])) == [(b":status", b"204")]
+    with pytest.raises(InvalidTableIndex):
+        decoder.decode(referring)
+
+
+def test_unique_answer_blocks_do_not_grow_the_cache() -> None:
+    decoder = CachingDecoder()
+    for n in range(1000):  # APNs answers carry a fresh apns-id each
+        block = header_field(b":status", b"200") + header_field(b"apns-id", b"%036d" % n)
+        assert decoder.decode(block)[1] == (b"apns-id", b"%036d" % n)
+        assert 1 <= len(decoder) <= CachingDecoder.MAX_ENTRIES
+    assert decoder.hits == 0
 
 
 @dataclass
