@@ -108,6 +108,29 @@ def test_unique_answer_blocks_do_not_grow_the_cache() -> None:
     assert decoder.hits == 0
 
 
+def test_a_block_that_replaces_the_whole_table_is_not_remembered() -> None:
+    # A table with room for one entry. The block refers to that entry, then inserts two: the
+    # first insertion evicts the old entry (freeing its tuple), the second evicts the first. If
+    # the cache compared the newest entry by id(), the second's tuple could reuse the freed
+    # address (CPython's tuple free list makes that the usual case) and the block would look
+    # as if it left the table unchanged; its repeat would then come from the cache although
+    # index 62 names another entry by then.
+    def literal_indexed(name: bytes, value: bytes) -> bytes:  # RFC 7541 §6.2.1, short strings
+        return bytes([0x40, len(name)]) + name + bytes([len(value)]) + value
+
+    size_40 = bytes([0x3F, 40 - 31])  # dynamic table size update to 40 (§6.3): one entry fits
+    setup = size_40 + literal_indexed(b"x-a", b"1")
+    replacing = bytes([0x80 | 62]) + literal_indexed(b"x-b", b"2") + literal_indexed(b"x-c", b"3")
+    decoder, reference = CachingDecoder(), Decoder()
+    for block in (setup, replacing):
+        decoder.decode(block)
+        reference.decode(block, raw=True)
+    expected = [(bytes(n), bytes(v)) for n, v in reference.decode(replacing, raw=True)]
+    assert expected[0] == (b"x-c", b"3")  # the premise: 62 now names the newest entry
+    assert decoder.decode(replacing) == expected
+    assert decoder.hits == 0
+
+
 @dataclass
 class Script:
     settings: dict[int, int] = field(default_factory=dict)

@@ -159,12 +159,14 @@ class CachingDecoder:
         """Blocks remembered now."""
         return len(self._cache)
 
-    def _table_state(self) -> tuple[int, int, int]:
+    def _table_state(self) -> tuple[object, int, int]:
         table = self._decoder.header_table
         entries = table.dynamic_entries
-        # An insertion puts a new tuple first (the old first one is still alive meanwhile, so
-        # the new one cannot have its id); eviction happens only with an insertion or a resize.
-        return id(entries[0]) if entries else 0, len(entries), table.maxsize
+        # The newest entry itself, compared by identity: an insertion puts a new tuple first,
+        # and eviction happens only with an insertion or a resize. Holding the object (not its
+        # id) matters: a block that evicts it and then inserts twice could get its freed
+        # address, and so its id, for the new first entry.
+        return entries[0] if entries else None, len(entries), table.maxsize
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         fields = self._cache.get(block)
@@ -175,7 +177,8 @@ class CachingDecoder:
         fields = [
             (bytes(name), bytes(value)) for name, value in self._decoder.decode(block, raw=True)
         ]
-        if self._table_state() != before:
+        after = self._table_state()
+        if after[0] is not before[0] or after[1:] != before[1:]:
             self._cache.clear()
         else:
             if len(self._cache) >= self.MAX_ENTRIES:
