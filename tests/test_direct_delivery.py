@@ -589,7 +589,7 @@ async def test_fake_fcm_serves_its_control_api_over_both_protocols(
             assert resp.status == 200
             listing = await resp.json()
     assert listing["receipts"] == [["call-x", 1.0]]
-    # Listed as the fake APNs lists them: no full token, no headers (the bearer is one).
+    # Listed without the full token and without headers (the bearer is one).
     assert listing["pushes"] == [{"token": fcm_token(7)[:8] + "…", "message": {}, "headers": {}}]
     h2ctx = certs.client_context()
     h2ctx.set_alpn_protocols(["h2"])
@@ -608,3 +608,35 @@ async def test_fake_fcm_serves_its_control_api_over_both_protocols(
         assert len(fake_fcm.receipts) == 0
     finally:
         await pool.close()
+
+
+async def test_fake_apns_lists_pushes_without_full_tokens_or_provider_tokens(
+    http, make_server, direct_settings, fake_apns: FakeAPNs, certs: tls.TestCertificates
+) -> None:
+    """`ringrelay fake apns` prints a curl for /_fake/pushes: what it shows must not hand out the
+    device token or the provider JWT (a developer may have pointed a real .p8 at the fake)."""
+    server = make_server(**direct_settings())
+    alice = acs_id("alice-listing")
+    assert (await register(http, server, alice, "iphone", token=apns_token(31))).status == 201
+    status, body, _ = await call(http, server, alice)
+    assert status == 200 and outcomes(body)["iphone"]["status"] == "accepted"
+    [recorded] = list(fake_apns.pushes)
+    jwt_sent = recorded["headers"]["authorization"].removeprefix("bearer ")
+
+    ctx = certs.client_context()
+    ctx.set_alpn_protocols(["h2"])
+    pool = H2Pool("127.0.0.1", int(fake_apns.base_url.rsplit(":", 1)[1]), ctx)
+    try:
+        block = header_block(
+            [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
+        ) + header_block([(b":path", b"/_fake/pushes")])
+        answer = await pool.request(block, b"", 5.0)
+    finally:
+        await pool.close()
+    assert answer.status == 200
+    text = answer.body.decode()
+    assert apns_token(31) not in text and jwt_sent.split(".")[2] not in text
+    [listed] = orjson.loads(answer.body)["pushes"]
+    assert listed["device_token"] == apns_token(31)[:8] + "…"
+    assert listed["headers"]["authorization"].startswith("sha256:")
+    assert listed["headers"]["apns-topic"] == recorded["headers"]["apns-topic"]

@@ -34,6 +34,7 @@ from ringrelay.fakes.h2lean import LeanConnection
 from ringrelay.fakes.h2server import H2ServerConnection
 from ringrelay.fakes.receipts import Receipts
 from ringrelay.fakes.tls import make_test_certificates
+from ringrelay.redact import fingerprint
 
 PUSH_TYPES = {
     "alert",
@@ -365,7 +366,20 @@ class FakeAPNs:
         return status, answer, apns_id, delay
 
     def listing(self) -> list[dict[str, Any]]:
-        return [{**p, "device_token": p["device_token"][:8] + "…"} for p in self.pushes]
+        """What `/_fake/pushes` shows: a token's first characters, and the provider token as a
+        fingerprint (a developer may point a real .p8 at the fake; its JWT is a credential for
+        an hour). `pushes` itself keeps everything, for the tests."""
+        return [
+            {
+                **p,
+                "device_token": p["device_token"][:8] + "…",
+                "headers": {
+                    name: fingerprint(value) if name == "authorization" else value
+                    for name, value in p["headers"].items()
+                },
+            }
+            for p in self.pushes
+        ]
 
 
 def answer_request(

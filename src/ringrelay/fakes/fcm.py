@@ -406,8 +406,8 @@ class FakeFCM:
     def control(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         """The control API, whichever protocol carries it (curl offers HTTP/2)."""
         if path == "/_fake/pushes" and method == "GET":
-            # As the fake APNs lists them: a token's first characters only, and no headers (the
-            # bearer token is one).
+            # As the fake APNs lists them, a token's first characters only; no headers, for the
+            # bearer token is one (the fake APNs shows its provider token as a fingerprint).
             pushes = [{**p, "token": p["token"][:8] + "…", "headers": {}} for p in self.pushes]
             return 200, {"pushes": pushes, "receipts": self.receipts.as_json()}
         if path == "/_fake/pushes" and method == "DELETE":
