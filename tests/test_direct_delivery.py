@@ -577,6 +577,19 @@ async def test_apns_unusable_connection_is_replaced(
     assert first["connection"] != second["connection"]
 
 
+def h2_pool_to(base_url: str, certs: tls.TestCertificates) -> H2Pool:
+    ctx = certs.client_context()
+    ctx.set_alpn_protocols(["h2"])
+    return H2Pool("127.0.0.1", int(base_url.rsplit(":", 1)[1]), ctx)
+
+
+def control_request(method: bytes, path: bytes = b"/_fake/pushes") -> bytes:
+    """A fake's control API request as an HTTP/2 header block (curl offers HTTP/2)."""
+    return header_block(
+        [(b":method", method), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
+    ) + header_block([(b":path", path)])
+
+
 async def test_fake_fcm_serves_its_control_api_over_both_protocols(
     fake_fcm: FakeFCM, certs: tls.TestCertificates
 ) -> None:
@@ -591,20 +604,12 @@ async def test_fake_fcm_serves_its_control_api_over_both_protocols(
     assert listing["receipts"] == [["call-x", 1.0]]
     # Listed without the full token and without headers (the bearer is one).
     assert listing["pushes"] == [{"token": fcm_token(7)[:8] + "…", "message": {}, "headers": {}}]
-    h2ctx = certs.client_context()
-    h2ctx.set_alpn_protocols(["h2"])
-    pool = H2Pool("127.0.0.1", int(fake_fcm.base_url.rsplit(":", 1)[1]), h2ctx)
+    pool = h2_pool_to(fake_fcm.base_url, certs)
     try:
-        block = header_block(
-            [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
-        ) + header_block([(b":path", b"/_fake/pushes")])
-        answer = await pool.request(block, b"", 5.0)
+        answer = await pool.request(control_request(b"GET"), b"", 5.0)
         assert answer.status == 200
         assert orjson.loads(answer.body)["receipts"] == [["call-x", 1.0]]
-        delete = header_block(
-            [(b":method", b"DELETE"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
-        ) + header_block([(b":path", b"/_fake/pushes")])
-        assert (await pool.request(delete, b"", 5.0)).status == 204
+        assert (await pool.request(control_request(b"DELETE"), b"", 5.0)).status == 204
         assert len(fake_fcm.receipts) == 0
     finally:
         await pool.close()
@@ -623,14 +628,9 @@ async def test_fake_apns_lists_pushes_without_full_tokens_or_provider_tokens(
     [recorded] = list(fake_apns.pushes)
     jwt_sent = recorded["headers"]["authorization"].removeprefix("bearer ")
 
-    ctx = certs.client_context()
-    ctx.set_alpn_protocols(["h2"])
-    pool = H2Pool("127.0.0.1", int(fake_apns.base_url.rsplit(":", 1)[1]), ctx)
+    pool = h2_pool_to(fake_apns.base_url, certs)
     try:
-        block = header_block(
-            [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
-        ) + header_block([(b":path", b"/_fake/pushes")])
-        answer = await pool.request(block, b"", 5.0)
+        answer = await pool.request(control_request(b"GET"), b"", 5.0)
     finally:
         await pool.close()
     assert answer.status == 200
