@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from ringrelay.auth import (
+from ringrelay.auth.tokens import (
     AuthError,
     JwksKeys,
     PemKey,

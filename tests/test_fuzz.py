@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 from ringrelay.config import load_settings
-from ringrelay.events import IngestError, parse_delivery
+from ringrelay.events.ingest import IngestError, parse_delivery
 from ringrelay.models import Platform, is_raw_id
 from ringrelay.payloads import PayloadError, call_push_from_incoming_call
 from ringrelay.registry import RegistrationError, check_device_id, check_token

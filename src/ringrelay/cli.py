@@ -62,7 +62,7 @@ async def _active_api_keys(settings: Settings) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from ringrelay.apikeys import new_api_key
+    from ringrelay.auth.apikeys import new_api_key
 
     settings = _settings(args)
     if settings is None:

@@ -263,7 +263,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:
-        from ringrelay.auth import check_algorithms
+        from ringrelay.auth.tokens import check_algorithms
 
         if self.auth_issuer is not None:
             if not self.auth_audience:

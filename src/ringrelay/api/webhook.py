@@ -17,9 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ringrelay.app import Relay
-from ringrelay.events import IngestError, parse_delivery, validation_code
+from ringrelay.events.ingest import IngestError, parse_delivery, validation_code
 from ringrelay.models import EventStatus
+from ringrelay.relay import Relay
 
 log = logging.getLogger("ringrelay.webhook")
 

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringrelay.app import Relay
 from ringrelay.config import MAX_TTL_SECONDS, MIN_TTL_SECONDS
-from ringrelay.delivery import outcome_json
+from ringrelay.delivery.dispatcher import outcome_json
 from ringrelay.models import Platform, PushKind, Registration
 from ringrelay.redact import fingerprint
 from ringrelay.registry import (
@@ -20,6 +19,7 @@ from ringrelay.registry import (
     check_device_id,
     check_identity,
 )
+from ringrelay.relay import Relay
 
 router = APIRouter(prefix="/v1")
 

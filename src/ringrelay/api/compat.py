@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from ringrelay.app import Relay
+from ringrelay.auth.guard import OPEN
 from ringrelay.models import Platform, PushKind
 from ringrelay.providers.notificationhubs import FORMATS as NOTIFICATION_HUBS_FORMATS
 from ringrelay.redact import fingerprint
 from ringrelay.registry import RegistrationError, build_registration
-from ringrelay.security import OPEN
+from ringrelay.relay import Relay
 
 router = APIRouter(prefix="/api", tags=["sample-compatible registry"])
 

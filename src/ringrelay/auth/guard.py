@@ -12,8 +12,9 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
-from ringrelay.apikeys import PREFIX, secret_matches, split_key
-from ringrelay.auth import (
+from ringrelay.auth.apikeys import PREFIX, secret_matches, split_key
+from ringrelay.auth.ratelimit import RateLimiter, retry_after_header
+from ringrelay.auth.tokens import (
     AuthError,
     JwksKeys,
     PemKey,
@@ -23,7 +24,6 @@ from ringrelay.auth import (
     entra_issuers,
 )
 from ringrelay.config import Settings
-from ringrelay.ratelimit import RateLimiter, retry_after_header
 from ringrelay.store import Store
 
 log = logging.getLogger("ringrelay.security")

@@ -1,0 +1,105 @@
+"""ASGI middleware shared by every route: security headers, request size limits, plain 500s,
+and the 422 shape that names the field."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("ringrelay")
+
+
+def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    """422 naming each bad field; never echoes the input (it may be a token)."""
+    detail = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())]
+        field_path = [p for p in loc if p not in ("body", "path", "query")]
+        detail.append(
+            {
+                "field": ".".join(field_path) or (loc[-1] if loc else "body"),
+                "loc": loc,
+                "msg": str(err.get("msg", "invalid")).removeprefix("Value error, "),
+            }
+        )
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOC_PAGES = ("/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+class ResponseGuard:
+    """Security headers on every response, and an unhandled error becomes a logged, plain 500
+    (no stack trace to the client). Pure ASGI: no per-request task or body copy. The
+    interactive docs pages load scripts, so they do without the CSP."""
+
+    def __init__(self, app: ASGIApp, max_request_bytes: int = 64 * 1024) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = _SECURITY_HEADERS if scope["path"] in _DOC_PAGES else [*_SECURITY_HEADERS, _CSP]
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        if scope["path"] != "/api/events":  # the webhook enforces its own, larger limit
+            if self._declared_too_large(scope):
+                await self._answer(send_with_headers, 413, b'{"error":"request body too large"}')
+                return
+            receive = self._limited(receive)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # too late for a clean answer; the server closes the connection
+            await self._answer(send_with_headers, 500, b'{"error":"internal error"}')
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: bytes) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _declared_too_large(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                return bool(value.isdigit() and int(value) > self.max_request_bytes)
+        return False
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts a streamed body; past the limit the route sees a 413 HTTPException."""
+        limit = self.max_request_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(status_code=413, detail="request body too large")
+            return message
+
+        return limited_receive

@@ -1,0 +1,1 @@
+"""Events in: webhook ingest (both schemas) and one handler module per event kind."""
