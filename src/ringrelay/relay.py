@@ -12,6 +12,7 @@ from ringrelay.auth.guard import Guard
 from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
+from ringrelay.events.table import event_kinds
 from ringrelay.metrics import Metrics
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
@@ -127,7 +128,11 @@ def make_relay(settings: Settings) -> Relay:
     store = open_store(settings.database_url)
     router, sandbox, description = build_router(settings)
     dispatcher = Dispatcher(
-        store, router, metrics, ring_window_seconds=settings.ring_window_seconds
+        store,
+        router,
+        metrics,
+        ring_window_seconds=settings.ring_window_seconds,
+        kinds=event_kinds(),
     )
     return Relay(
         settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)
