@@ -7,8 +7,8 @@ from typing import Protocol
 
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
 
-# The record type of a call's stop ledger (events/stop_ringing.py), read on every IncomingCall.
-STOP_TYPE = "ringrelay.StopRinging"
+# The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
+CALL_STOPPED = "ringrelay.CallStopped"
 
 
 @dataclass(slots=True)
@@ -127,8 +127,8 @@ class Store(Protocol):
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]: ...
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        """The call's stop records (`ringrelay.StopRinging`), without deliveries: one indexed
-        read, on every IncomingCall."""
+        """The call's `ringrelay.CallStopped` records, without deliveries: one indexed read, on
+        every IncomingCall."""
         ...
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:

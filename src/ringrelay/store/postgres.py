@@ -29,7 +29,7 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import CALL_STOPPED, ApiKey, Claim, PurgeCounts, RemovedRegistration
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
@@ -645,7 +645,7 @@ class PostgresStore:
             f"SELECT {self._EVENT_COLUMNS} FROM events WHERE correlation_id = $1 "
             "AND event_type = $2 ORDER BY received_at",
             correlation_id,
-            STOP_TYPE,
+            CALL_STOPPED,
         )
         return [self._event(r) for r in rows]
 

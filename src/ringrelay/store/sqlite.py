@@ -34,7 +34,7 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import CALL_STOPPED, ApiKey, Claim, PurgeCounts, RemovedRegistration
 
 SCHEMA_VERSION = 2
 GROUP_COMMIT_WAIT = 0.002  # seconds
@@ -718,7 +718,7 @@ class SQLiteStore:
         ]
 
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        return self._events("correlation_id = ? AND event_type = ?", correlation_id, STOP_TYPE)
+        return self._events("correlation_id = ? AND event_type = ?", correlation_id, CALL_STOPPED)
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:
         row = self.db.execute(
