@@ -373,8 +373,7 @@ async def test_postgres_ledger_statements_stay_on_indexes_as_the_table_grows() -
         outcomes += [["p"], ["NULL"], ["fp"], [NOW]]
         calls = [["NULL"], ["NULL"], ["NULL"]]  # caller, server_call_id, expires_at
         arrays = [
-            ",".join(map(str, column * (10 // len(column))))
-            for column in events + outcomes + calls
+            ",".join(map(str, column * (10 // len(column)))) for column in events + outcomes + calls
         ]
         execute = "EXECUTE settle(" + ", ".join(f"'{{{a}}}'" for a in arrays) + ")"
         async with store.pool.acquire() as conn:
