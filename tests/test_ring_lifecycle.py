@@ -370,3 +370,57 @@ async def test_stop_events_racing_on_two_postgres_instances_stop_each_device_onc
                         if p["body"]["data"]["eventId"] == 110
                     ]
             assert sorted(stops) == ["desk", "phone", "tablet"]
+
+
+def test_simulate_answered_and_call_ended_show_the_stops(tmp_path) -> None:
+    """The README's lifecycle walk-through, as a user runs it."""
+    import subprocess
+    import urllib.request
+
+    from tests.test_cli import RINGRELAY, clean_env, free_port, serve, wait_healthy
+
+    port = free_port()
+    proc = serve(port, tmp_path, clean_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        for device, body in (
+            ("iphone-1", b'{"platform": "apns", "token": "' + b"ab" * 32 + b'"}'),
+            ("pixel-1", b'{"platform": "fcm", "token": "fcm-registration-token-from-the-app"}'),
+        ):
+            req = urllib.request.Request(
+                f"{url}/v1/identities/{CALLEE}/devices/{device}",
+                data=body,
+                method="PUT",
+                headers={"Content-Type": "application/json"},
+            )
+            assert urllib.request.urlopen(req, timeout=10).status == 201
+
+        def simulate(*args: str) -> str:
+            out = subprocess.run(
+                [*RINGRELAY, "simulate", *args, "--server", url],
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout
+
+        simulate("incoming-call", "--to", CALLEE, "--call-id", "demo-call-1")
+        answered = simulate("answered", "--call-id", "demo-call-1", "--device", "iphone-1")
+        assert "devices stopped: 1" in answered
+        assert "pixel-1 [fcm] accepted via sandbox" in answered
+        assert "iphone-1 [apns] cancelled" in answered
+        ended = simulate("call-ended", "--call-id", "demo-call-1")
+        assert "event status: delivered (call ended)" in ended
+        with urllib.request.urlopen(f"{url}/v1/sandbox/pushes?call_id=demo-call-1") as resp:
+            found = json.loads(resp.read())["pushes"]
+        assert sorted((p["device_id"], p["kind"]) for p in found) == [
+            ("iphone-1", "call"),
+            ("pixel-1", "call"),
+            ("pixel-1", "stop"),
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
