@@ -219,16 +219,27 @@ def _print_deliveries(deliveries: list[dict[str, Any]]) -> None:
         print(line)
 
 
-def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
+def _post_and_show(
+    args: argparse.Namespace, url: str, body: object, title: str, expect: str, **kw: Any
+) -> tuple[int, dict[str, Any]] | None:
+    """POST, print the title line; None (after saying why) when the answer is not usable."""
     try:
-        status, answer = asyncio.run(_post(_webhook_url(args), orjson.dumps([event])))
+        status, answer = asyncio.run(_post(url, orjson.dumps(body), **kw))
     except OSError as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
+        return None
     print(f"{title}: HTTP {status}")
-    if not isinstance(answer, dict) or "events" not in answer:
+    if not isinstance(answer, dict) or expect not in answer:
         print(f"  server said: {answer}")
+        return None
+    return status, answer
+
+
+def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
+    posted = _post_and_show(args, _webhook_url(args), [event], title, "events")
+    if posted is None:
         return 1
+    status, answer = posted
     for report in answer["events"]:
         deliveries = report.get("deliveries", [])
         accepted = sum(1 for d in deliveries if d["status"] == "accepted")
@@ -264,16 +275,12 @@ def _simulate_answered(args: argparse.Namespace) -> int:
     if args.identity:
         body["identity"] = args.identity
     url = f"{str(args.server).rstrip('/')}/v1/calls/{args.call_id}/stop-ringing"
-    try:
-        api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
-        status, answer = asyncio.run(_post(url, orjson.dumps(body), api_key))
-    except OSError as exc:
-        print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
+    api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+    title = f"answered on {args.device} (callId {args.call_id})"
+    posted = _post_and_show(args, url, body, title, "devices", api_key=api_key)
+    if posted is None:
         return 1
-    print(f"answered on {args.device} (callId {args.call_id}): HTTP {status}")
-    if not isinstance(answer, dict) or "devices" not in answer:
-        print(f"  server said: {answer}")
-        return 1
+    status, answer = posted
     stopped = sum(1 for d in answer["devices"] if d["status"] == "accepted")
     print(
         f"  stop status: {answer['status']}"
