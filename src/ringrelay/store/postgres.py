@@ -29,7 +29,13 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+)
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
@@ -98,6 +104,8 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
+    # 2: one spelling per APNs token (lower case)
+    APNS_TOKENS_TO_LOWER_CASE,
 ]
 
 _REG_COLUMNS = (

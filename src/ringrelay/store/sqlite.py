@@ -34,9 +34,15 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -368,6 +374,11 @@ class SQLiteStore:
                 f"({SCHEMA_VERSION}); upgrade ringrelay"
             )
         db.executescript(SCHEMA)
+        # Steps from one version to the next, for files made by an older ringrelay (a new file
+        # gets the current SCHEMA above and needs none of them).
+        upgrades = {2: APNS_TOKENS_TO_LOWER_CASE}
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            db.executescript(f"BEGIN; {upgrades[step]} PRAGMA user_version={step}; COMMIT;")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.path != ":memory:":
             # Checkpoints copy the WAL into the database and fsync it: on a slow disk that
