@@ -422,3 +422,30 @@ async def test_strangers_cannot_use_up_an_identitys_rate(http, make_server, tmp_
     for _ in range(5):  # unauthenticated attempts against Alice
         assert await put(http, server, ALICE, "phone", {}) == 401
     assert await put(http, server, ALICE, "phone", auth(token(ALICE))) == 201
+
+
+async def test_refused_requests_do_not_count_against_the_target_identity(
+    http, make_server, tmp_path
+) -> None:
+    """Issue 17, item 6: Alice's requests on Bob's identity are refused and do not spend Bob's
+    allowance; only Bob's own (allowed) requests do."""
+    pem = public_key_file(tmp_path)
+    server = make_server(
+        auth_issuer=ISS,
+        auth_audience=AUD,
+        auth_public_key_file=pem,
+        auth_identity_claim="acs_id",
+        rate_limit_per_identity=3,
+        rate_limit_per_client=1000,
+    )
+    for _ in range(6):
+        assert await put(http, server, BOB, "phone", auth(token(ALICE))) == 403
+    url = f"{server.url}/v1/identities/{BOB}/devices"
+    for _ in range(6):
+        async with http.get(url, headers=auth(token(ALICE))) as resp:
+            assert resp.status == 403
+    assert await put(http, server, BOB, "phone", auth(token(BOB))) == 201
+    statuses = [await put(http, server, BOB, "phone", auth(token(BOB))) for _ in range(3)]
+    assert statuses == [200, 200, 429]  # Bob's own allowance: 3 a minute
+    # Alice's allowance is her own: her requests on her identity still pass.
+    assert await put(http, server, ALICE, "phone", auth(token(ALICE)), "cd" * 32) == 201

@@ -161,13 +161,11 @@ class Guard:
         self, request: Request, scope: str, identity: str | None = None
     ) -> Principal:
         """The caller needs `scope` (or admin); a user may act on its own identity only.
-        Every registrar request also counts against its client's and identity's rate."""
+        Every registrar request counts against its client address's rate; a request that is
+        allowed also counts against the rate of the identity it acts as."""
         client = request.client.host if request.client else "unknown"
         self._limit(self.per_client, f"client:{client}")
         principal = await self.principal(request)
-        # Counted once the caller is known, so strangers cannot use up someone's allowance.
-        if identity is not None:
-            self._limit(self.per_identity, f"identity:{identity}")
         if scope not in principal.scopes and "admin" not in principal.scopes:
             log.info("%s lacks the %s scope", principal.subject, scope)
             raise HTTPException(
@@ -178,6 +176,11 @@ class Guard:
             raise HTTPException(
                 status_code=403, detail="the token's identity may only manage its own devices"
             )
+        # Counted only now, against the caller's own identity (a backend's key: the identity it
+        # manages), so refused requests cannot use up someone else's allowance.
+        limited = principal.identity or identity
+        if limited is not None:
+            self._limit(self.per_identity, f"identity:{limited}")
         return principal
 
     @staticmethod
