@@ -3,6 +3,7 @@ secure-by-default binding."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from typing import Any
@@ -449,3 +450,84 @@ async def test_refused_requests_do_not_count_against_the_target_identity(
     assert statuses == [200, 200, 429]  # Bob's own allowance: 3 a minute
     # Alice's allowance is her own: her requests on her identity still pass.
     assert await put(http, server, ALICE, "phone", auth(token(ALICE)), "cd" * 32) == 201
+
+
+# --- leaks (issue 17, item 7) ------------------------------------------------------------------
+
+
+def test_access_log_redacts_a_percent_encoded_code_parameter(tmp_path) -> None:
+    """`?c%6Fde=` is `?code=` to the webhook: it authenticates, so it must not be logged."""
+    import urllib.request
+
+    from tests.test_cli import serve, wait_healthy
+
+    port = free_port()
+    secret = "hunter2-percent-secret"
+    proc = serve(port, tmp_path, clean_env() | {"RINGRELAY_WEBHOOK_SECRET": secret}, "--access-log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        for query in (
+            f"c%6Fde={secret}",
+            f"%63%6F%64%65={secret}&x=1",
+            f"x=1&CO%64e=no&code={secret}",
+        ):
+            req = urllib.request.Request(
+                f"{url}/api/events?{query}",
+                data=b"[]",
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            assert urllib.request.urlopen(req).status == 200  # the secret was accepted
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "/api/events?c%6Fde=<redacted>" in out
+    assert "/api/events?%63%6F%64%65=<redacted>&x=1" in out
+    assert secret not in out
+
+
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a;Zm9vYmFyS2V5U2VjcmV0",
+        "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a;"
+        "SharedAccessKey:Zm9vYmFyS2V5U2VjcmV0",
+        "Zm9vYmFyS2V5U2VjcmV0",
+    ],
+    ids=["bare-key", "colon-for-equals", "only-the-key"],
+)
+def test_a_malformed_connection_string_is_never_echoed(tmp_path, connection_string) -> None:
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env() | {"ANHHubConnectionString": connection_string, "ANHHubName": "hub"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "ANHHubConnectionString" in out.stderr and "has no '='" in out.stderr
+    assert "Zm9vYmFyS2V5U2VjcmV0" not in out.stderr + out.stdout
+
+
+async def test_sample_listing_shows_fingerprints_to_anonymous_callers(http, sandbox_server):
+    """With registrar authentication off, anyone may call: the sample-compatible listing shows
+    fingerprints, as the native one does, not the tokens themselves."""
+    body = {
+        "acsMri": ALICE,
+        "deviceInfos": [
+            {"deviceUUID": "iphone", "deviceToken": "ab" * 32, "platform": "apple"},
+            {"deviceUUID": "pixel", "deviceToken": "fcm:secret-token", "platform": "android"},
+        ],
+    }
+    async with http.post(f"{sandbox_server.url}/api/add_device_token", json=body) as resp:
+        assert resp.status == 201
+    async with http.get(
+        f"{sandbox_server.url}/api/get_device_registrations", params={"acsMri": ALICE}
+    ) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    doc = json.loads(text)
+    assert all(d["deviceToken"].startswith("sha256:") for d in doc["deviceInfos"])
+    assert "ab" * 32 not in text and "secret-token" not in text

@@ -9,17 +9,32 @@ import gc
 import ipaddress
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, Settings, load_settings
 from ringrelay.store import Store, open_store
+
+
+def redact_secret_query(path: str) -> str:
+    """`path?query` with the value of every `code` parameter replaced. Names are compared
+    decoded, as the webhook reads them (Starlette's `parse_qsl`), or `?c%6Fde=<secret>` would
+    authenticate and still be logged in clear."""
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, _, _ = field.partition("=")
+        if unquote_plus(name) == "code":
+            fields[i] = f"{name}=<redacted>"
+    return f"{head}?{'&'.join(fields)}"
 
 
 class _RedactSecretQuery(logging.Filter):
@@ -29,8 +44,8 @@ class _RedactSecretQuery(logging.Filter):
         if isinstance(record.args, tuple) and len(record.args) >= 3:
             args = list(record.args)
             path = str(args[2])
-            if "code=" in path:
-                args[2] = re.sub(r"(?<=[?&]code=)[^&]*", "<redacted>", path)
+            if "?" in path:
+                args[2] = redact_secret_query(path)
                 record.args = tuple(args)
         return True
 

@@ -50,14 +50,19 @@ def parse_connection_string(value: str) -> NotificationHubsConnection:
 
     Split on `;` then on the first `=`, keys case-insensitive, as the Azure SDK parser does
     (azure-servicebus `_parse_conn_str`).
+
+    Errors name a segment by its position, never by its text: a segment without `=` may well
+    be the key itself.
     """
     parts: dict[str, str] = {}
-    for part in value.strip().split(";"):
+    for position, part in enumerate(value.strip().split(";"), start=1):
         if not part.strip():
             continue
         key, sep, val = part.partition("=")
         if not sep:
-            raise ValueError(f"segment {key.strip()!r} has no '='")
+            raise ValueError(
+                f"segment {position} (of the ';'-separated Name=value segments) has no '='"
+            )
         parts[key.strip().lower()] = val.strip()
     missing = [
         name
