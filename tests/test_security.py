@@ -311,9 +311,9 @@ def keys_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_api_keys_created_scoped_and_revoked(http, make_server, tmp_path) -> None:
     db_url = f"sqlite:///{tmp_path / 'keys.db'}"
-    server = make_server(database_url=db_url)
-    # Before any key exists (and with no JWT issuer) the registry is open on loopback.
-    assert await put(http, server, ALICE, "phone", {}) == 201
+    server = make_server(database_url=db_url, auth_required=True)
+    # Required, and nothing can authenticate yet: refused, not open.
+    assert await put(http, server, ALICE, "phone", {}) == 503
 
     out = keys_cli(db_url, "create", "--name", "signup-service", "--scope", "register")
     assert out.returncode == 0, out.stderr
@@ -326,11 +326,7 @@ async def test_api_keys_created_scoped_and_revoked(http, make_server, tmp_path) 
     assert "signup-service" in listing and "dashboard" in listing
     assert full_key.split("_", 2)[2] not in listing  # the secret is never shown again
 
-    # Keys now exist: anonymous calls are refused (noticed within the 5 s cache).
-    deadline = time.monotonic() + 7
-    while await put(http, server, ALICE, "phone", {}) != 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    assert await put(http, server, ALICE, "phone", {}) == 401  # a key exists: use it
     key_hdr = {"X-API-Key": full_key}
     assert await put(http, server, BOB, "phone", key_hdr, "cd" * 32) == 201  # any identity
     assert (
@@ -531,3 +527,114 @@ async def test_sample_listing_shows_fingerprints_to_anonymous_callers(http, sand
     doc = json.loads(text)
     assert all(d["deviceToken"].startswith("sha256:") for d in doc["deviceInfos"])
     assert "ab" * 32 not in text and "secret-token" not in text
+
+
+# --- whether authentication is required is decided at start-up (issue 17, items 1 and 17) --------
+
+
+async def test_revoking_the_last_key_does_not_open_the_registry(http, make_server, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'revoke.db'}"
+    only_key = keys_cli(db_url, "create", "--name", "signup").stdout.strip().splitlines()[-1]
+    server = make_server(database_url=db_url, auth_required=True)
+    revoked = keys_cli(db_url, "revoke", only_key.split("_")[1])
+    assert revoked.returncode == 0
+
+    async with http.put(
+        f"{server.url}/v1/identities/{ALICE}/devices/phone",
+        json={"platform": "apns", "token": "ab" * 32},
+    ) as resp:
+        assert resp.status == 503
+        detail = (await resp.json())["detail"]
+    assert "RINGRELAY_AUTH_REQUIRED" in detail and "ringrelay keys create" in detail
+    assert "does not open" in revoked.stdout  # the CLI says so too
+    assert await put(http, server, ALICE, "phone", {"X-API-Key": only_key}) == 401
+    async with http.get(
+        f"{server.url}/api/get_device_registrations", params={"acsMri": ALICE}
+    ) as resp:
+        assert resp.status == 503
+    assert await stored_with_key(http, server, db_url, ALICE) == []
+
+    new_key = keys_cli(db_url, "create", "--name", "signup-2").stdout.strip().splitlines()[-1]
+    assert await put(http, server, ALICE, "phone", {"X-API-Key": new_key}) == 201
+    assert await put(http, server, BOB, "phone", {}, "cd" * 32) == 401
+
+
+async def stored_with_key(http, server, db_url, identity) -> list:
+    reader = keys_cli(db_url, "create", "--name", "check", "--scope", "read").stdout
+    key = reader.strip().splitlines()[-1]
+    async with http.get(
+        f"{server.url}/v1/identities/{identity}/devices", headers={"X-API-Key": key}
+    ) as resp:
+        assert resp.status == 200
+        devices = (await resp.json())["devices"]
+    keys_cli(db_url, "revoke", key.split("_")[1])
+    return devices
+
+
+async def test_creating_the_first_key_leaves_a_quickstart_server_open(
+    http, make_server, tmp_path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'quick.db'}"
+    server = make_server(database_url=db_url)
+    out = keys_cli(db_url, "create", "--name", "backend")
+    assert out.returncode == 0
+    note = out.stdout.splitlines()[1]
+    assert "on loopback does not" in note and "RINGRELAY_AUTH_REQUIRED=true" in note
+    assert out.stdout.strip().splitlines()[-1].startswith("rr_")  # the key stays the last line
+    assert await put(http, server, ALICE, "phone", {}) == 201  # still the quickstart
+
+    required = subprocess.run(
+        [*RINGRELAY, "keys", "create", "--name", "other"],
+        env=clean_env() | {"RINGRELAY_DATABASE_URL": db_url, "RINGRELAY_AUTH_REQUIRED": "true"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "requires registrar authentication" in required.stdout
+
+
+def _banner(tmp_path, env: dict[str, str], *extra: str) -> str:
+    """The start-up banner of `ringrelay serve` (stopped once it is printed)."""
+    from tests.test_cli import serve, wait_healthy
+
+    port = free_port()
+    proc = serve(port, tmp_path, clean_env() | env, *extra)
+    wait_healthy(f"http://127.0.0.1:{port}", proc)
+    proc.terminate()
+    return proc.communicate(timeout=10)[0]
+
+
+def test_the_banner_says_whether_registrar_auth_is_required(tmp_path) -> None:
+    assert "auth:     off" in _banner(tmp_path, {})
+    assert "auth:     required (API keys)" in _banner(tmp_path, {"RINGRELAY_AUTH_REQUIRED": "1"})
+    # Beyond loopback it is required unless --insecure; a key created first lets it start.
+    db_url = f"sqlite:///{tmp_path / 'public.db'}"
+    assert keys_cli(db_url, "create", "--name", "backend").returncode == 0
+    public = _banner(tmp_path, {"RINGRELAY_DATABASE_URL": db_url}, "--host", "0.0.0.0")
+    assert "auth:     required (API keys)" in public
+
+
+def test_serve_refuses_a_public_address_with_auth_turned_off(tmp_path) -> None:
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env() | {"RINGRELAY_AUTH_REQUIRED": "false"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in out.stderr
+    assert "RINGRELAY_AUTH_REQUIRED=false" in out.stderr and "ringrelay keys create" in out.stderr
+
+
+def test_auth_required_false_contradicts_a_jwt_issuer(tmp_path) -> None:
+    from ringrelay.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="RINGRELAY_AUTH_REQUIRED"):
+        load_settings(
+            auth_required=False,
+            auth_issuer=ISS,
+            auth_audience=AUD,
+            auth_public_key_file=public_key_file(tmp_path),
+        )

@@ -46,11 +46,18 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         for provider in relay.router.providers():
             await provider.start()
         log.info(
-            "ringrelay %s: store %s, delivery %s",
+            "ringrelay %s: store %s, delivery %s, registrar auth %s",
             __version__,
             relay.store.description,
             relay.delivery_description,
+            relay.guard.description,
         )
+        if relay.guard.required and await relay.guard.no_credential_can_pass():
+            log.warning(
+                "registrar authentication is required but nothing can authenticate (no JWT "
+                "issuer, no active API key): registrar requests get 503 until `ringrelay keys "
+                "create` makes a key"
+            )
         relay.tasks.append(asyncio.create_task(purge_loop(relay)))
         try:
             yield
