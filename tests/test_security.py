@@ -612,6 +612,9 @@ def test_the_banner_says_whether_registrar_auth_is_required(tmp_path) -> None:
     assert keys_cli(db_url, "create", "--name", "backend").returncode == 0
     public = _banner(tmp_path, {"RINGRELAY_DATABASE_URL": db_url}, "--host", "0.0.0.0")
     assert "auth:     required (API keys)" in public
+    # The same store on loopback: off, and the log says the active key is not required.
+    loopback = _banner(tmp_path, {"RINGRELAY_DATABASE_URL": db_url})
+    assert "auth:     off" in loopback and "API keys are active: they are not required" in loopback
 
 
 def test_serve_refuses_a_public_address_with_auth_turned_off(tmp_path) -> None:
