@@ -111,12 +111,10 @@ class Guard:
     def description(self) -> str:
         """What the start-up banner and log say about registrar authentication."""
         if not self.required:
-            how = (
-                "RINGRELAY_AUTH_REQUIRED=false"
-                if self.settings.auth_required is False
-                else "RINGRELAY_AUTH_REQUIRED unset, loopback or --insecure"
+            return (
+                "off: anyone who can connect may register devices "
+                "(RINGRELAY_AUTH_REQUIRED=true requires a JWT or an API key)"
             )
-            return f"off: anyone who can connect may register devices ({how})"
         ways = ["API keys"]
         if self.settings.auth_issuer is not None:
             ways.insert(0, f"JWTs from {self.settings.auth_issuer}")
