@@ -29,7 +29,14 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import CALL_STOPPED, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    CALL_STOPPED,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+)
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
@@ -98,7 +105,9 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
-    # 2. Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
+    # 2: one spelling per APNs token (lower case)
+    APNS_TOKENS_TO_LOWER_CASE,
+    # 3: ring lifecycle: what a stop push needs of its ring (the call context is never stored)
     """
     ALTER TABLE events ADD COLUMN caller TEXT, ADD COLUMN server_call_id TEXT,
         ADD COLUMN expires_at DOUBLE PRECISION;
@@ -178,7 +187,7 @@ def _event_columns(events: list[tuple[EventRecord, float]]) -> list[list[Any]]:
 
 
 def _call_columns(events: list[EventRecord]) -> list[list[Any]]:
-    """The events table's call columns (added by migration 2), passed after the others."""
+    """The events table's call columns (added by migration 3), passed after the others."""
     return [
         [e.caller for e in events],
         [e.server_call_id for e in events],

@@ -34,9 +34,16 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import CALL_STOPPED, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    CALL_STOPPED,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -114,8 +121,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 # Upgrades of an existing file, by the version they bring it to (SCHEMA is the current shape).
 UPGRADES: dict[int, str] = {
+    2: APNS_TOKENS_TO_LOWER_CASE,
     # Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
-    2: "ALTER TABLE events ADD COLUMN caller TEXT; "
+    3: "ALTER TABLE events ADD COLUMN caller TEXT; "
     "ALTER TABLE events ADD COLUMN server_call_id TEXT; "
     "ALTER TABLE events ADD COLUMN expires_at REAL;",
 }
@@ -380,9 +388,10 @@ class SQLiteStore:
                 f"{self.path}: schema version {version} is newer than this ringrelay "
                 f"({SCHEMA_VERSION}); upgrade ringrelay"
             )
-        if version:  # an existing file: bring it up to date before the current shape
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                db.executescript(UPGRADES[target])
+        # Steps from one version to the next, for files made by an older ringrelay, each in its
+        # own transaction, before the current shape (a new file gets SCHEMA and needs none).
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            db.executescript(f"BEGIN; {UPGRADES[step]} PRAGMA user_version={step}; COMMIT;")
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.path != ":memory:":
