@@ -5,10 +5,12 @@ WAL without fsync and takes tens of microseconds, less than a hop to a worker th
 Ledger writes of concurrent deliveries are group-committed (one transaction per turn of the
 event loop), which took the webhook from ~1,300 to ~N events/s on the benchmark.
 
-Only one process may use the file; several instances need PostgreSQL. That is what lets claims
-live in memory: a claim guards against a concurrent duplicate in this process, and a claim
-orphaned by a crash would be taken over after its lease anyway, so persisting it before the push
-(one more commit per event) would buy nothing here. The outcome is written once, after the push.
+Only one serving process may use the file (store/instance_lock.py enforces it); several
+instances need PostgreSQL. That is what lets claims live in memory: a claim guards against a
+concurrent duplicate in this process, and a process that restarts after a crash holds the lock,
+so every claim its predecessor had is dead: it takes them over at once (it never knew them). So
+persisting a claim before the push (one more commit per event) would buy nothing here. The
+outcome is written once, after the push.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ringrelay.models import (
 )
 from ringrelay.redact import fingerprint
 from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store.instance_lock import InstanceLock
 
 SCHEMA_VERSION = 1
 GROUP_COMMIT_WAIT = 0.002  # seconds
@@ -242,8 +245,12 @@ class _Checkpointer:
 class SQLiteStore:
     # Every 0.25 s rather than 1 s: each pass copies less, so it takes the core from the event
     # loop in shorter slices (see bench/README, "SQLite's WAL under steady load").
-    def __init__(self, path: str, checkpoint_interval: float = 0.25) -> None:
+    def __init__(
+        self, path: str, checkpoint_interval: float = 0.25, *, single_instance: bool = True
+    ) -> None:
         self.path = path
+        # A serving process locks the file to itself; admin commands share it.
+        self._lock = InstanceLock(path) if single_instance and path != ":memory:" else None
         self.checkpoint_interval = checkpoint_interval
         self.description = f"SQLite ({Path(path).resolve()})" if path != ":memory:" else "SQLite"
         self._db: sqlite3.Connection | None = None
@@ -349,10 +356,23 @@ class SQLiteStore:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(release)
 
+    def reserve(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.reserve()
+        try:
+            self._connect()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _connect(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -389,6 +409,8 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.release()
 
     async def ping(self) -> None:
         self.db.execute("SELECT 1").fetchone()
