@@ -5,6 +5,13 @@ Claims are made in the database, atomically: `INSERT â€¦ ON CONFLICT DO UPDATE â
 `RETURNING` says which rows this caller got. Two instances claiming the same device at the same
 moment serialise on the row; the second sees the first's live lease and gets nothing.
 
+A claim names its instance (`deliveries.claimed_by`), and every serving instance renews its row
+in `instances` each HEARTBEAT_INTERVAL seconds from a connection of its own. A claim is taken
+over when its lease has ended OR its instance's heartbeat is older than HEARTBEAT_STALE: after a
+kill -9, Event Grid's first retry (about 10 s later) finds the dead instance's devices free and
+pushes them, instead of waiting out the lease (webhook deadline + 5 s). The heartbeat is stamped
+and compared with the database's clock, so the instances' clocks need not agree.
+
 Migrations: a short list of versioned SQL steps below, applied at start-up (and by
 `ringrelay db upgrade`) under an advisory lock so that instances starting together do not race.
 A migration framework (Alembic) would bring SQLAlchemy for a handful of tables whose queries are
@@ -13,7 +20,13 @@ written by hand for asyncpg; the list is the smaller thing to own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import socket
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +47,15 @@ from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
 PURGE_LOCK = 0x70757267  # "purg": one instance purges at a time
+
+# An instance renews its heartbeat every second; one silent for 5 s is taken for dead and its
+# in-flight claims are free. 5 s spares a live instance whose renewal is late (a slow statement,
+# a busy loop) and is well inside Event Grid's first retry, about 10 s after a failed delivery.
+HEARTBEAT_INTERVAL = 1.0  # seconds
+HEARTBEAT_STALE = 5.0  # seconds
+INSTANCE_RETENTION = 86_400.0  # rows of instances silent this long are purged
+
+log = logging.getLogger("ringrelay.store")
 
 MIGRATIONS: list[str] = [
     # 1: registry, ledger, audit, API keys
@@ -98,7 +120,31 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
+    # 2: instance heartbeats, and claims naming their instance (a dead one's claims are free
+    # before their lease ends). Rows claimed before this have claimed_by NULL: lease only.
+    """
+    CREATE TABLE instances (
+        instance_id TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        started_at  DOUBLE PRECISION NOT NULL,
+        last_seen   DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
+    """,
 ]
+
+_DB_NOW = "extract(epoch from clock_timestamp())::float8"
+
+# A row is free to claim when it is new, transient, or in flight under a claim that is dead:
+# its lease ended, or its instance stopped renewing its heartbeat. Used in the DO UPDATE WHERE of
+# the claim statements, where `excluded` is the new claim.
+_CLAIMABLE = (
+    "deliveries.status = 'transient' OR (deliveries.status = 'in_flight' AND ("
+    "deliveries.lease_until <= excluded.updated_at OR (deliveries.claimed_by IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = deliveries.claimed_by "
+    f"AND i.last_seen > {_DB_NOW} - {HEARTBEAT_STALE}))))"
+)
 
 _REG_COLUMNS = (
     "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
@@ -202,8 +248,17 @@ async def _release_connection(conn: asyncpg.Connection) -> None:
 
 
 class PostgresStore:
-    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 20) -> None:
+    def __init__(
+        self, dsn: str, *, min_size: int = 2, max_size: int = 20, heartbeat: bool = True
+    ) -> None:
         self.dsn = dsn
+        # This process's name in `instances` and on its claims. Without a heartbeat (admin
+        # commands) claims carry no instance and end only with their lease.
+        self.instance_id = uuid.uuid4().hex
+        self._heartbeat = heartbeat
+        self._claimant: str | None = self.instance_id if heartbeat else None
+        self._beating: asyncio.Task[None] | None = None
+        self._beat_conn: asyncpg.Connection | None = None
         host = dsn.split("@", 1)[-1].split("?", 1)[0]  # never the password
         self.description = f"PostgreSQL ({host})"
         self._min_size = min_size
@@ -236,6 +291,52 @@ class PostgresStore:
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
+        if self._heartbeat:
+            # Registered before the first claim: a claim whose instance has no row is dead.
+            await self._beat()
+            self._beating = asyncio.create_task(self._heartbeat_loop())
+
+    def reserve(self) -> None:
+        pass  # several instances share a database: nothing to hold alone
+
+    _HEARTBEAT = (
+        "INSERT INTO instances (instance_id, host, pid, started_at, last_seen) "
+        f"VALUES ($1, $2, $3, {_DB_NOW}, {_DB_NOW}) "
+        "ON CONFLICT (instance_id) DO UPDATE SET last_seen = excluded.last_seen"
+    )
+
+    async def _beat(self) -> None:
+        # A connection of its own: a pool exhausted by a burst must not delay the heartbeat
+        # past HEARTBEAT_STALE (the other instances would take over live claims).
+        if self._beat_conn is None or self._beat_conn.is_closed():
+            self._beat_conn = await asyncpg.connect(
+                self.dsn, server_settings=self.server_settings or None, timeout=HEARTBEAT_STALE
+            )
+        await self._beat_conn.execute(
+            self._HEARTBEAT,
+            self.instance_id,
+            socket.gethostname(),
+            os.getpid(),
+            timeout=HEARTBEAT_STALE,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self._beat()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if self._beat_conn is not None:
+                    self._beat_conn.terminate()
+                    self._beat_conn = None
+                if not failing:  # once per outage, not every second
+                    log.warning("instance heartbeat failed (%s); retrying", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("instance heartbeat renewed")
+                failing = False
 
     # Every statement of ringrelay's finds its rows through an index, whatever the tables' size.
     # Left to itself, PostgreSQL cached a generic plan for the settle while `deliveries` was
@@ -257,11 +358,26 @@ class PostgresStore:
         return {k: v for k, v in self._PLANNER_SETTINGS.items() if k not in query}
 
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
         if self._pool is not None:
             await self.claims.drain()
             await self.settles.drain()
+            if self._heartbeat:
+                # Gone for good: whatever this instance still holds is free at once.
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self._pool.execute(
+                        "DELETE FROM instances WHERE instance_id = $1", self.instance_id
+                    )
             await self._pool.close()
             self._pool = None
+        if self._beat_conn is not None:
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await self._beat_conn.close(timeout=5)
+            self._beat_conn = None
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -481,14 +597,13 @@ class PostgresStore:
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at RETURNING 1), "
         "ins AS (INSERT INTO deliveries (event_id, identity, device_id, platform, "
-        "token_fingerprint, status, attempts, lease_until, updated_at) "
+        "token_fingerprint, status, attempts, lease_until, updated_at, claimed_by) "
         "SELECT t.ev_id, t.identity, t.device_id, t.platform, '', 'in_flight', 0, t.lease, "
-        "t.claim_now FROM t "
+        "t.claim_now, $12::text FROM t "
         "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
         "status = 'in_flight', lease_until = excluded.lease_until, "
-        "updated_at = excluded.updated_at "
-        "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
-        "AND deliveries.lease_until <= excluded.updated_at) "
+        "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
+        f"WHERE {_CLAIMABLE} "
         "RETURNING event_id, identity, device_id, attempts) "
         "SELECT t.ev_id, "
         + ", ".join(f"t.{c.strip()}" for c in _REG_COLUMNS.split(","))
@@ -503,6 +618,7 @@ class PostgresStore:
             [r.lease_until for r in requests],
             [r.identity for r in requests],
             [r.kind.value for r in requests],
+            self._claimant,
         )
         by_event: dict[str, list[Any]] = {r.event.event_id: [] for r in requests}
         for row in rows:
@@ -535,15 +651,14 @@ class PostgresStore:
         taken = await self.pool.fetch(
             f"WITH ev AS ({self._UPSERT_EVENT} RETURNING 1) "
             "INSERT INTO deliveries (event_id, identity, device_id, platform, "
-            "token_fingerprint, status, attempts, lease_until, updated_at) "
-            "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $9, $8 "
-            "FROM unnest($10::text[], $11::text[], $12::text[], $13::text[]) "
+            "token_fingerprint, status, attempts, lease_until, updated_at, claimed_by) "
+            "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $9, $8, "
+            "$14::text FROM unnest($10::text[], $11::text[], $12::text[], $13::text[]) "
             "AS t(identity, device_id, platform, fp) "
             "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
             "status = 'in_flight', lease_until = excluded.lease_until, "
-            "updated_at = excluded.updated_at "
-            "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
-            "AND deliveries.lease_until <= $8) "
+            "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
+            f"WHERE {_CLAIMABLE} "
             "RETURNING identity, device_id, attempts",
             *self._event_values(event, now),
             lease_until,
@@ -551,6 +666,7 @@ class PostgresStore:
             [r.device_id for r in targets],
             [r.platform.value for r in targets],
             [fingerprint(r.token) for r in targets],
+            self._claimant,
         )
         for row in taken:
             key = (row[0], row[1])
@@ -635,6 +751,9 @@ class PostgresStore:
             deliveries = await conn.execute("DELETE FROM deliveries WHERE updated_at < $1", cutoff)
             events = await conn.execute("DELETE FROM events WHERE updated_at < $1", cutoff)
             await conn.execute("DELETE FROM removed_registrations WHERE removed_at < $1", cutoff)
+            await conn.execute(
+                f"DELETE FROM instances WHERE last_seen < {_DB_NOW} - $1", INSTANCE_RETENTION
+            )
         return PurgeCounts(
             registrations=int(regs.split()[-1]),
             events=int(events.split()[-1]),
