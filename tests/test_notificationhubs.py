@@ -3,7 +3,10 @@ goes on the wire, SAS signing and caching, outcome classes, retries without doub
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -251,3 +254,46 @@ async def test_past_the_concurrency_limit_deliveries_are_503_at_once(
     assert status == 200
     async with http.get(f"{server.url}/metrics") as resp:
         assert "ringrelay_webhook_shed_total 1.0" in await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def tcp_forwarder(target_port: int) -> AsyncIterator[int]:
+    """A TCP proxy on loopback in front of `target_port` (a private endpoint's address, say):
+    bytes pass unchanged, TLS included; yields the proxy's port."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_sas_scope_is_the_hub_not_the_proxy_address(
+    http, make_server, nh_settings, fake_nh
+) -> None:
+    """ANHHubUrl through a proxy: the token is scoped to the connection string's endpoint + hub
+    (what the hub checks), not to the proxy's address the request goes to."""
+    hub_port = int(fake_nh.base_url.rsplit(":", 1)[1])
+    async with tcp_forwarder(hub_port) as proxy_port:
+        server = make_server(
+            **nh_settings, nh_hub_url=f"https://127.0.0.1:{proxy_port}/{fake_nh.hub}/messages/"
+        )
+        await register(http, server, CALLEE, "iphone", platform="apns", token=apns_token(14))
+        status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
+    assert status == 200, body
+    assert body["events"][0]["status"] == "delivered", body
+    assert len(accepted(fake_nh)) == 1  # it came in through the proxy, and the hub took it
