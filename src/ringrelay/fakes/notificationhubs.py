@@ -4,8 +4,8 @@ It verifies the SAS token (HMAC-SHA256 of the URL-encoded resource URI + "\\n" +
 with the UTF-8 key: learn.microsoft.com/rest/api/notificationhubs/common-concepts) and its scope
 against the hub's own URI (not the address the request came by: a proxy in front changes that),
 the direct-send query and headers, and the body for the platform format; then answers 201 with a
-Location, or whatever the test scripted (401, 403, 404, 429, 500, delays). The check is written independently
-of the provider's signing code on purpose: a shared bug would pass unseen.
+Location, or whatever the test scripted (401, 403, 404, 429, 500, delays). The check is written
+independently of the provider's signing code on purpose: a shared bug would pass unseen.
 
 Control API (JSON): `POST /_fake/script` {"status": 500, "times": 2, "retry_after": 1, "delay": 0,
 "handle": optional device handle}; `GET /_fake/pushes`; `DELETE /_fake/pushes`.
