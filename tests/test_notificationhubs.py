@@ -14,6 +14,7 @@ import pytest
 from ringrelay.providers.notificationhubs import make_sas_token
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import acs_id, apns_token, post_events, register
+from tests.test_cli import free_port
 
 CALLEE = acs_id("nh-callee")
 
@@ -218,7 +219,8 @@ async def test_payload_over_the_hubs_apns_limit_is_rejected_unsent(http, nh_serv
 
 async def test_hub_unreachable_is_transient(http, make_server, nh_settings) -> None:
     settings = dict(nh_settings)
-    settings["nh_hub_url"] = "https://127.0.0.1:9/ringrelay-test/messages/"  # nothing listens
+    # A closed port: nothing listens (a fixed one, 9, may be taken on a shared machine).
+    settings["nh_hub_url"] = f"https://127.0.0.1:{free_port()}/ringrelay-test/messages/"
     server = make_server(webhook_deadline_seconds=0.5, **settings)
     await register(http, server, CALLEE, "phone")
     status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
@@ -297,3 +299,18 @@ async def test_sas_scope_is_the_hub_not_the_proxy_address(
     assert status == 200, body
     assert body["events"][0]["status"] == "delivered", body
     assert len(accepted(fake_nh)) == 1  # it came in through the proxy, and the hub took it
+
+
+async def test_untrusted_hub_certificate_is_a_configuration_error_at_once(
+    http, make_server, nh_settings
+) -> None:
+    """The hub's certificate does not verify (its CA not trusted): settled on the first attempt
+    as config_error naming RINGRELAY_NH_CA_FILE, answered 200 at once; no retries for 12 s."""
+    server = make_server(**{**nh_settings, "nh_ca_file": None})
+    await register(http, server, CALLEE, "iphone", platform="apns", token=apns_token(15))
+    status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
+    assert status == 200, body  # settled: Event Grid's retry could not fix it
+    (outcome,) = body["events"][0]["deliveries"]
+    assert outcome["status"] == "config_error", outcome
+    assert outcome["attempts"] == 1
+    assert "certificate" in outcome["reason"] and "RINGRELAY_NH_CA_FILE" in outcome["reason"]
