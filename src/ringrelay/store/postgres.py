@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import urllib.parse
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -42,7 +44,7 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration, StoreNotWritable
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
@@ -56,6 +58,40 @@ HEARTBEAT_STALE = 5.0  # seconds
 INSTANCE_RETENTION = 86_400.0  # rows of instances silent this long are purged
 
 log = logging.getLogger("ringrelay.store")
+
+# The database cannot take writes, whatever the statement: disk full (53100), a read-only
+# transaction (25006: a standby after a failover, or default_transaction_read_only), an I/O
+# error (58030). Retrying later may work; the data was fine.
+_STORAGE_ERRORS = (
+    asyncpg.DiskFullError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.PostgresIOError,
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _writes(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A write: a failure of the storage becomes StoreNotWritable (answered 503) and is
+    remembered on the store for /readyz until a write succeeds."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        store = args[0]
+        assert isinstance(store, PostgresStore)
+        try:
+            result = await method(*args, **kwargs)
+        except _STORAGE_ERRORS as exc:
+            store.write_failure = f"{type(exc).__name__}: {exc}"
+            raise StoreNotWritable(f"PostgreSQL: {exc}") from exc
+        store.write_failure = None
+        return result
+
+    return wrapper
+
 
 MIGRATIONS: list[str] = [
     # 1: registry, ledger, audit, API keys
@@ -259,6 +295,9 @@ class PostgresStore:
         self._claimant: str | None = self.instance_id if heartbeat else None
         self._beating: asyncio.Task[None] | None = None
         self._beat_conn: asyncpg.Connection | None = None
+        # Why the last write failed, when it was the database's fault; None once one succeeds
+        # (the heartbeat, a write every second, counts).
+        self.write_failure: str | None = None
         host = dsn.split("@", 1)[-1].split("?", 1)[0]  # never the password
         self.description = f"PostgreSQL ({host})"
         self._min_size = min_size
@@ -326,6 +365,12 @@ class PostgresStore:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 await self._beat()
+                self.write_failure = None
+            except _STORAGE_ERRORS as exc:
+                self.write_failure = f"{type(exc).__name__}: {exc}"
+                if not failing:
+                    log.warning("instance heartbeat not written: %s", exc)
+                failing = True
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if self._beat_conn is not None:
                     self._beat_conn.terminate()
@@ -381,9 +426,12 @@ class PostgresStore:
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+        if self.write_failure is not None:
+            raise StoreNotWritable(self.write_failure)
 
     # --- registry ---------------------------------------------------------------------------
 
+    @_writes
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
         async with self.pool.acquire() as conn, conn.transaction():
             displaced = await conn.fetchval(
@@ -419,6 +467,7 @@ class PostgresStore:
             reg.expires_at,
         )
 
+    @_writes
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         async with self.pool.acquire() as conn:
             await conn.executemany(
@@ -440,12 +489,14 @@ class PostgresStore:
         )
         return [_registration(r) for r in rows]
 
+    @_writes
     async def delete_registration(self, identity: str, device_id: str) -> bool:
         status = await self.pool.execute(
             "DELETE FROM registrations WHERE identity = $1 AND device_id = $2", identity, device_id
         )
         return bool(status != "DELETE 0")
 
+    @_writes
     async def delete_identity(self, identity: str) -> int:
         status = await self.pool.execute("DELETE FROM registrations WHERE identity = $1", identity)
         return int(status.split()[-1])
@@ -460,6 +511,7 @@ class PostgresStore:
         )
         return [_registration(r) for r in rows]
 
+    @_writes
     async def prune_registration(
         self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
     ) -> bool:
@@ -496,6 +548,7 @@ class PostgresStore:
 
     # --- API keys ---------------------------------------------------------------------------
 
+    @_writes
     async def create_api_key(self, key: ApiKey) -> None:
         await self.pool.execute(
             "INSERT INTO api_keys (key_id, name, secret_hash, scopes, created_at, revoked_at) "
@@ -523,6 +576,7 @@ class PostgresStore:
         )
         return [_api_key(r) for r in rows]
 
+    @_writes
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         status = await self.pool.execute(
             "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
@@ -561,6 +615,7 @@ class PostgresStore:
             now,
         )
 
+    @_writes
     async def claim_callee(
         self, event: EventRecord, identity: str, kind: PushKind, now: float, lease_until: float
     ) -> tuple[list[Registration], Claim]:
@@ -639,6 +694,7 @@ class PostgresStore:
             outcome = _outcome(row)
             (claim.settled if outcome.status.settled else claim.busy).append(outcome)
 
+    @_writes
     async def claim_deliveries(
         self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
     ) -> Claim:
@@ -677,6 +733,7 @@ class PostgresStore:
             await self._read_others(event.event_id, targets, claim)
         return claim
 
+    @_writes
     async def settle_deliveries(
         self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
     ) -> None:
@@ -717,6 +774,7 @@ class PostgresStore:
         )
         return [None] * len(requests)
 
+    @_writes
     async def record_event(self, event: EventRecord, now: float) -> None:
         await self.settles.submit(_SettleRequest(event, [], now))
 
@@ -741,6 +799,7 @@ class PostgresStore:
                 ]
         return events
 
+    @_writes
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         async with self.pool.acquire() as conn, conn.transaction():
