@@ -172,15 +172,18 @@ MIGRATIONS: list[str] = [
 
 _DB_NOW = "extract(epoch from clock_timestamp())::float8"
 
-# A row is free to claim when it is new, transient, or in flight under a claim that is dead:
-# its lease ended, or its instance stopped renewing its heartbeat. Used in the DO UPDATE WHERE of
-# the claim statements, where `excluded` is the new claim.
-_CLAIMABLE = (
-    "deliveries.status = 'transient' OR (deliveries.status = 'in_flight' AND ("
-    "deliveries.lease_until <= excluded.updated_at OR (deliveries.claimed_by IS NOT NULL "
-    "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = deliveries.claimed_by "
-    f"AND i.last_seen > {_DB_NOW} - {HEARTBEAT_STALE}))))"
-)
+
+def _claimable(stale_param: str) -> str:
+    """A row is free to claim when it is new, transient, or in flight under a claim that is
+    dead: its lease ended, or its instance's heartbeat is older than `stale_param` seconds. For
+    the DO UPDATE WHERE of the claim statements, where `excluded` is the new claim."""
+    return (
+        "deliveries.status = 'transient' OR (deliveries.status = 'in_flight' AND ("
+        "deliveries.lease_until <= excluded.updated_at OR (deliveries.claimed_by IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = deliveries.claimed_by "
+        f"AND i.last_seen > {_DB_NOW} - {stale_param}::float8))))"
+    )
+
 
 _REG_COLUMNS = (
     "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
@@ -292,6 +295,7 @@ class PostgresStore:
         # commands) claims carry no instance and end only with their lease.
         self.instance_id = uuid.uuid4().hex
         self._heartbeat = heartbeat
+        self.heartbeat_stale = HEARTBEAT_STALE  # seconds of silence after which it is dead
         self._claimant: str | None = self.instance_id if heartbeat else None
         self._beating: asyncio.Task[None] | None = None
         self._beat_conn: asyncpg.Connection | None = None
@@ -658,7 +662,7 @@ class PostgresStore:
         "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
         "status = 'in_flight', lease_until = excluded.lease_until, "
         "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
-        f"WHERE {_CLAIMABLE} "
+        f"WHERE {_claimable('$13')} "
         "RETURNING event_id, identity, device_id, attempts) "
         "SELECT t.ev_id, "
         + ", ".join(f"t.{c.strip()}" for c in _REG_COLUMNS.split(","))
@@ -674,6 +678,7 @@ class PostgresStore:
             [r.identity for r in requests],
             [r.kind.value for r in requests],
             self._claimant,
+            self.heartbeat_stale,
         )
         by_event: dict[str, list[Any]] = {r.event.event_id: [] for r in requests}
         for row in rows:
@@ -714,7 +719,7 @@ class PostgresStore:
             "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
             "status = 'in_flight', lease_until = excluded.lease_until, "
             "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
-            f"WHERE {_CLAIMABLE} "
+            f"WHERE {_claimable('$15')} "
             "RETURNING identity, device_id, attempts",
             *self._event_values(event, now),
             lease_until,
@@ -723,6 +728,7 @@ class PostgresStore:
             [r.platform.value for r in targets],
             [fingerprint(r.token) for r in targets],
             self._claimant,
+            self.heartbeat_stale,
         )
         for row in taken:
             key = (row[0], row[1])

@@ -102,12 +102,6 @@ CREATE TABLE IF NOT EXISTS removed_registrations (
 CREATE INDEX IF NOT EXISTS removed_registrations_identity
     ON removed_registrations (identity, removed_at);
 
--- /readyz writes and deletes a row here while writes are failing, to see whether they work again.
-CREATE TABLE IF NOT EXISTS store_probe (
-    id     INTEGER PRIMARY KEY,
-    filler BLOB NOT NULL
-);
-
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id      TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -116,6 +110,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at  REAL NOT NULL,
     revoked_at  REAL
 ) WITHOUT ROWID;
+
+-- /readyz writes and deletes a row here while writes are failing, to see whether they work again.
+CREATE TABLE IF NOT EXISTS store_probe (
+    id     INTEGER PRIMARY KEY,
+    filler BLOB NOT NULL
+);
 """
 
 _REG_COLUMNS = (
