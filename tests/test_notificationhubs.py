@@ -314,3 +314,24 @@ async def test_untrusted_hub_certificate_is_a_configuration_error_at_once(
     assert outcome["status"] == "config_error", outcome
     assert outcome["attempts"] == 1
     assert "certificate" in outcome["reason"] and "RINGRELAY_NH_CA_FILE" in outcome["reason"]
+
+
+@pytest.mark.parametrize(
+    ("hub_name", "hub_url"),
+    [
+        ("calls", "https://proxy.internal:8443/nh/calls/messages/"),
+        (None, "https://proxy.internal:8443/nh/calls/messages/"),  # the name from the URL
+        (None, "https://10.1.2.3/calls/messages"),
+    ],
+)
+def test_sas_scope_is_endpoint_and_hub_whatever_the_hub_url(hub_name, hub_url) -> None:
+    from ringrelay.config import load_settings
+
+    settings = load_settings(
+        nh_connection_string="Endpoint=sb://contoso.servicebus.windows.net/;"
+        "SharedAccessKeyName=DefaultFullSharedAccessSignature;SharedAccessKey=k",
+        nh_hub_name=hub_name,
+        nh_hub_url=hub_url,
+    )
+    assert settings.nh_messages_url().startswith(hub_url.rstrip("/"))
+    assert settings.nh_resource_uri() == "https://contoso.servicebus.windows.net/calls"
