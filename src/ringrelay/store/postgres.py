@@ -809,8 +809,12 @@ class PostgresStore:
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         async with self.pool.acquire() as conn, conn.transaction():
-            # Whichever instance gets the lock purges; the others skip this round.
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PURGE_LOCK):
+            # Whichever instance gets the lock purges; the others skip this round. The lock is
+            # per schema: advisory locks are database-wide, and deployments (or test runs) in
+            # other schemas of the same database must not skip this one's purge.
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))", PURGE_LOCK
+            ):
                 return PurgeCounts(0, 0, 0)
             regs = await conn.execute("DELETE FROM registrations WHERE expires_at <= $1", now)
             deliveries = await conn.execute("DELETE FROM deliveries WHERE updated_at < $1", cutoff)
