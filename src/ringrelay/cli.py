@@ -234,6 +234,34 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from ringrelay.ops.doctor import (
+        Finding,
+        as_json,
+        diagnose_identity,
+        passed,
+        render,
+        run_doctor,
+    )
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        findings = [
+            Finding("config", False, str(exc), "fix the setting named above (README, Settings)")
+        ]
+    else:
+        if args.identity:
+            findings = asyncio.run(diagnose_identity(settings, args.identity))
+        else:
+            findings = asyncio.run(run_doctor(settings, host=args.host))
+    if args.json:
+        sys.stdout.buffer.write(as_json(findings) + b"\n")
+    else:
+        print(render(findings))
+    return 0 if passed(findings) else 1
+
+
 def _fake(args: argparse.Namespace) -> int:
     if args.provider == "apns":
         from ringrelay.fakes import apns
@@ -310,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply pending schema migrations")
     db.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     db.set_defaults(func=_db)
+
+    doctor = sub.add_parser(
+        "doctor", help="check every configured transport, the store and the settings for real"
+    )
+    doctor.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    doctor.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    doctor.add_argument(
+        "--host", default="127.0.0.1", help="the address serve will listen on (bind safety)"
+    )
+    doctor.add_argument("--identity", metavar="RAWID", help="why this user's phone does (not) ring")
+    doctor.set_defaults(func=_doctor)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)

@@ -625,6 +625,31 @@ class PostgresStore:
                 ]
         return events
 
+    async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
+        async with self.pool.acquire() as conn:
+            # Newest first through events_updated; the recipient is a filter on that walk (an
+            # operator's look-up, rare enough not to earn an index on the hot table).
+            rows = await conn.fetch(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                "received_at FROM events WHERE ($1::text IS NULL OR recipient = $1) "
+                "ORDER BY updated_at DESC LIMIT $2",
+                recipient,
+                limit,
+            )
+            events = [
+                EventRecord(r[0], r[1], EventStatus(r[2]), r[3], r[4], r[5], r[6]) for r in rows
+            ]
+            for ev in events:
+                ev.deliveries = [
+                    _outcome(r)
+                    for r in await conn.fetch(
+                        f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1 "
+                        "ORDER BY identity, device_id",
+                        ev.event_id,
+                    )
+                ]
+        return events
+
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         async with self.pool.acquire() as conn, conn.transaction():

@@ -705,6 +705,37 @@ class SQLiteStore:
             ]
         return events
 
+    async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
+        where, args = ("WHERE recipient = ? ", (recipient, limit)) if recipient else ("", (limit,))
+        db = self.db
+        events = [
+            EventRecord(
+                event_id=str(r[0]),
+                event_type=str(r[1]),
+                status=EventStatus(r[2]),
+                reason=str(r[3]),
+                correlation_id=None if r[4] is None else str(r[4]),
+                recipient=None if r[5] is None else str(r[5]),
+                received_at=float(r[6]),
+            )
+            for r in db.execute(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                f"received_at FROM events {where}ORDER BY updated_at DESC LIMIT ?",
+                args,
+            )
+        ]
+        for ev in events:
+            ev.deliveries = [
+                _outcome(r)
+                for r in db.execute(
+                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
+                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
+                    "ORDER BY identity, device_id",
+                    (ev.event_id,),
+                )
+            ]
+        return events
+
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         db = self.db
         cutoff = now - ledger_retention_seconds
