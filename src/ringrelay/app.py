@@ -17,7 +17,7 @@ from ringrelay import __version__
 from ringrelay.api import compat, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
-from ringrelay.relay import Relay, make_relay, purge_loop
+from ringrelay.relay import Relay, make_relay, purge_loop, refresh_registration_counts
 
 log = logging.getLogger("ringrelay")
 
@@ -98,6 +98,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics() -> Response:
+        await refresh_registration_counts(relay)
         return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     webhook.install(app)

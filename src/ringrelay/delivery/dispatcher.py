@@ -17,7 +17,7 @@ from typing import Any
 
 from ringrelay.delivery.router import ProviderRouter
 from ringrelay.events.ingest import INCOMING_CALL, Event
-from ringrelay.metrics import Metrics
+from ringrelay.metrics import Metrics, reason_label
 from ringrelay.models import (
     DeliveryOutcome,
     DeliveryStatus,
@@ -26,6 +26,7 @@ from ringrelay.models import (
     PushKind,
     Registration,
 )
+from ringrelay.ops.calllog import CallLog
 from ringrelay.payloads import CallPush, PayloadError, call_push_from_incoming_call
 from ringrelay.providers import PushRequest, PushResult
 from ringrelay.redact import fingerprint
@@ -103,8 +104,10 @@ class Dispatcher:
         metrics: Metrics,
         *,
         ring_window_seconds: float,
+        call_log: CallLog | None = None,
     ) -> None:
         self.store = store
+        self.calls = call_log or CallLog()  # recent attempts, for traces
         self.router = router
         self.metrics = metrics
         self.ring_window = ring_window_seconds
@@ -220,6 +223,11 @@ class Dispatcher:
             report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
             if claim.busy:
                 report.reason = f"{len(claim.busy)} device(s) in flight under another claim"
+            accepted_at = self.calls.first_accepted(event.id)
+            if accepted_at is not None:
+                self.metrics.first_push(event.time, received_at, accepted_at)
+        for outcome in outcomes:
+            self.metrics.push_outcome(outcome.provider, outcome.platform.value, outcome.status)
 
         report.deliveries = [*outcomes, *claim.settled, *claim.busy]
         record.status = report.status
@@ -307,12 +315,16 @@ class Dispatcher:
                     )
                 finally:
                     limit.count -= 1
+            elapsed = time.perf_counter() - started
             self.metrics.push_attempt(
                 provider.name,
                 reg.platform.value,
                 result.status.value,
-                time.perf_counter() - started,
+                elapsed,
+                reason_label(result.reason, result.http_status),
+                attempts > 1,
             )
+            self.calls.attempt(event_id, reg, attempts, provider, result, elapsed, time.time())
             if result.status is not DeliveryStatus.TRANSIENT:
                 break
             delay = backoff(attempts)
@@ -359,6 +371,9 @@ class Dispatcher:
             return
         if removed:
             self.metrics.registrations.labels("pruned").inc()
+            self.metrics.pruned.labels(
+                provider, reason_label(result.reason, result.http_status)
+            ).inc()
             log.info(
                 "registration %s/%s (%s, token %s) removed: %s",
                 reg.identity,

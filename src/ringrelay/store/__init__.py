@@ -123,6 +123,10 @@ class Store(Protocol):
         ...
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]: ...
+    async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
+        """Live registrations per (platform, push kind), for the metrics gauge."""
+        ...
+
     async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
         """The newest events (by last update), with their deliveries; only `recipient`'s when
         given. For operators (doctor --identity, the dashboard), not the hot path."""

@@ -625,6 +625,14 @@ class PostgresStore:
                 ]
         return events
 
+    async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
+        rows = await self.pool.fetch(
+            "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > $1 "
+            "GROUP BY platform, push_kind",
+            now,
+        )
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
         async with self.pool.acquire() as conn:
             # Newest first through events_updated; the recipient is a filter on that walk (an

@@ -705,6 +705,14 @@ class SQLiteStore:
             ]
         return events
 
+    async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
+        rows = self.db.execute(
+            "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > ? "
+            "GROUP BY platform, push_kind",
+            (now,),
+        ).fetchall()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
     async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
         where, args = ("WHERE recipient = ? ", (recipient, limit)) if recipient else ("", (limit,))
         db = self.db
