@@ -262,6 +262,57 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if passed(findings) else 1
 
 
+async def _get(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        text = await resp.read()
+        try:
+            return resp.status, orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return resp.status, text.decode(errors="replace")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from ringrelay.ops.trace import call_trace, render
+
+    if args.server:
+        url = f"{args.server.rstrip('/')}/v1/calls/{quote(args.call_id, safe='')}"
+        key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+        headers = {"X-API-Key": key} if key else {}
+        try:
+            status, trace = asyncio.run(_get(url, headers))
+        except OSError as exc:
+            print(f"ringrelay trace: cannot reach {args.server}: {exc}", file=sys.stderr)
+            return 1
+        if status != 200:
+            detail = trace.get("detail") if isinstance(trace, dict) else trace
+            print(f"ringrelay trace: HTTP {status}: {detail}", file=sys.stderr)
+            return 1
+    else:
+        settings = _settings(args)
+        if settings is None:
+            return 2
+
+        async def from_store() -> dict[str, Any] | None:
+            async with _opened_store(settings) as store:
+                events = await store.events_for_call(args.call_id)
+            return call_trace(args.call_id, events, None) if events else None
+
+        found = asyncio.run(from_store())
+        if found is None:
+            print(f"ringrelay trace: no event recorded for callId {args.call_id}", file=sys.stderr)
+            return 1
+        trace = found
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(trace, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(render(trace))
+    return 0
+
+
 def _fake(args: argparse.Namespace) -> int:
     if args.provider == "apns":
         from ringrelay.fakes import apns
@@ -349,6 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--identity", metavar="RAWID", help="why this user's phone does (not) ring")
     doctor.set_defaults(func=_doctor)
+
+    trace = sub.add_parser("trace", help="a call's story: deliveries, attempts, outcomes")
+    trace.add_argument("call_id", metavar="CALLID", help="the call's correlationId")
+    trace.add_argument(
+        "--server",
+        help="ask a running server (full story) instead of the configured store (final states)",
+    )
+    trace.add_argument("--api-key", help="with --server: a read key (default: RINGRELAY_API_KEY)")
+    trace.add_argument("--json", action="store_true")
+    trace.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    trace.set_defaults(func=_trace)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)

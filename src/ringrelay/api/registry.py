@@ -10,8 +10,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringrelay.config import MAX_TTL_SECONDS, MIN_TTL_SECONDS
-from ringrelay.delivery.dispatcher import outcome_json
 from ringrelay.models import Platform, PushKind, Registration
+from ringrelay.ops.trace import call_trace
 from ringrelay.redact import fingerprint
 from ringrelay.registry import (
     RegistrationError,
@@ -238,21 +238,7 @@ async def call_deliveries(call_id: str, request: Request) -> dict[str, Any]:
         events = [ev for ev in events if ev.recipient == principal.identity]
     if not events:
         raise HTTPException(status_code=404, detail="no event recorded for this callId")
-    return {
-        "callId": call_id,
-        "events": [
-            {
-                "id": ev.event_id,
-                "type": ev.event_type,
-                "status": ev.status,
-                "reason": ev.reason,
-                "recipient": ev.recipient,
-                "received_at": _ts(ev.received_at),
-                "deliveries": [outcome_json(d) for d in ev.deliveries],
-            }
-            for ev in events
-        ],
-    }
+    return call_trace(call_id, events, relay.dispatcher.calls)
 
 
 @router.get(

@@ -108,7 +108,7 @@ async def _handle_delivery(request: Request, relay: Relay) -> Response:
     count = request.headers.get("aeg-delivery-count")
     delivery_count = int(count) if count is not None and count.isdigit() else None
     for ev in events:
-        relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count)
+        relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count, ev.time)
     try:
         handle = relay.dispatcher.handle
         if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery

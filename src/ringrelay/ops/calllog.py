@@ -40,6 +40,7 @@ class Attempt:
 class Receipt:
     received_at: float
     delivery_count: int | None  # Event Grid's aeg-delivery-count: 0 on the first delivery
+    event_time: float | None = None  # the event's eventTime (unix time), when it has one
     instance: str = INSTANCE
 
     def as_json(self) -> dict[str, Any]:
@@ -63,9 +64,15 @@ class CallLog:
                 table.popitem(last=False)
         return entry
 
-    def receipt(self, event_id: str, received_at: float, delivery_count: int | None) -> None:
+    def receipt(
+        self,
+        event_id: str,
+        received_at: float,
+        delivery_count: int | None,
+        event_time: float | None = None,
+    ) -> None:
         self._bounded(self._receipts, event_id, self.max_events).append(
-            Receipt(received_at, delivery_count)
+            Receipt(received_at, delivery_count, event_time)
         )
 
     def attempt(
