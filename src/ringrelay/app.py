@@ -17,6 +17,7 @@ from ringrelay import __version__
 from ringrelay.api import compat, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
+from ringrelay.ops import dashboard
 from ringrelay.relay import Relay, make_relay, purge_loop, refresh_registration_counts
 
 log = logging.getLogger("ringrelay")
@@ -105,4 +106,5 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     app.webhook = ResponseGuard(webhook.asgi_endpoint)
     app.include_router(registry.router)
     app.include_router(compat.router)
+    app.include_router(dashboard.router)
     return app

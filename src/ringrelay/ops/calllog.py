@@ -115,3 +115,22 @@ class CallLog:
 
     def first_accepted(self, event_id: str) -> float | None:
         return self._accepted.get(event_id)
+
+    def first_push_latencies(self) -> list[tuple[float, float]]:
+        """(accepted at, seconds from eventTime) of the recent events that have both."""
+        out = []
+        for event_id, accepted_at in self._accepted.items():
+            receipts = self._receipts.get(event_id) or ()
+            event_time = next((r.event_time for r in receipts if r.event_time is not None), None)
+            if event_time is not None:
+                out.append((accepted_at, max(0.0, accepted_at - event_time)))
+        return out
+
+    def recent_attempts(self, limit: int = 500) -> list[Attempt]:
+        """The newest attempts of any event, newest last."""
+        out: list[Attempt] = []
+        for entries in reversed(self._attempts.values()):
+            out[:0] = entries
+            if len(out) >= limit:
+                break
+        return out[-limit:]

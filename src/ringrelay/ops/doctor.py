@@ -707,18 +707,26 @@ _OUTCOME_FIX = {
 }
 
 
-async def diagnose_identity(settings: Settings, identity: str) -> list[Finding]:
+async def diagnose_identity(
+    settings: Settings, identity: str, store: Any = None, router: Any = None
+) -> list[Finding]:
+    """Findings for one identity; `store` and `router` are the running service's when given
+    (the dashboard), else opened and built from the settings (the command)."""
     from ringrelay.store import open_store
 
-    store = open_store(settings.database_url)
-    await store.open()
+    own = store is None
+    if own:
+        store = open_store(settings.database_url)
+        await store.open()
     try:
         regs = await store.list_registrations(identity, 0.0)  # expired ones too, until purged
         removed = await store.removed_registrations(identity)
         events = await store.recent_events(20, recipient=identity)
     finally:
-        await store.close()
-    router, _, _ = build_router(settings)
+        if own:
+            await store.close()
+    if router is None:
+        router, _, _ = build_router(settings)
     now = time.time()
     area = "identity"
     out: list[Finding] = []

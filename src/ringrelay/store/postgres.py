@@ -378,6 +378,14 @@ class PostgresStore:
         )
         return [RemovedRegistration(*r) for r in rows]
 
+    async def recent_removals(self, limit: int) -> list[RemovedRegistration]:
+        rows = await self.pool.fetch(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations ORDER BY removed_at DESC LIMIT $1",
+            limit,
+        )
+        return [RemovedRegistration(*r) for r in rows]
+
     # --- API keys ---------------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey) -> None:

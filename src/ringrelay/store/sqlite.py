@@ -467,6 +467,17 @@ class SQLiteStore:
             for r in rows
         ]
 
+    async def recent_removals(self, limit: int) -> list[RemovedRegistration]:
+        rows = self.db.execute(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations ORDER BY removed_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            RemovedRegistration(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]))
+            for r in rows
+        ]
+
     # --- API keys ---------------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey) -> None:
