@@ -129,10 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from ringrelay.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     if (
         not _is_loopback(args.host)
         and not settings.registrar_auth_enabled
@@ -153,20 +152,25 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
-    print(
+    banner = (
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
         f"  webhook:  POST http://{args.host}:{args.port}/api/events"
-        + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
-        flush=True,
+        + ("?code=<secret>" if settings.webhook_secret else " (no secret set)")
     )
+    if settings.log_format == "json":  # every line of output is then one JSON object
+        logging.getLogger("ringrelay").info(banner.replace("\n", ";").replace("  ", " "))
+    else:
+        print(banner, flush=True)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        # Our handler (text or JSON) formats uvicorn's lines too, the access log's included.
+        log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.webhook_deadline_seconds) + 2,
     )
@@ -344,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log every request (default: on; the webhook's ?code= is redacted)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",

@@ -17,6 +17,7 @@ from typing import Any
 
 from ringrelay.delivery.router import ProviderRouter
 from ringrelay.events.ingest import INCOMING_CALL, Event
+from ringrelay.logs import bind
 from ringrelay.metrics import Metrics, reason_label
 from ringrelay.models import (
     DeliveryOutcome,
@@ -175,6 +176,7 @@ class Dispatcher:
             log.info("event %s rejected: %s", event.id, exc)
             return report
 
+        bind(eventId=event.id, callId=call.call_id)  # on every line logged for this event
         report = EventReport(
             event.id,
             event.type,
@@ -283,6 +285,7 @@ class Dispatcher:
         stop_at: float,
         claim: Claim,
     ) -> DeliveryOutcome:
+        bind(deviceId=reg.device_id)
         provider = self.router.for_registration(reg)
         if provider is None:
             app = f" app {reg.app_id}" if reg.app_id else ""
