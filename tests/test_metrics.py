@@ -135,3 +135,28 @@ async def test_expired_rings_and_shed_are_counted(http, make_server) -> None:
 )
 def test_reason_labels_are_bounded(reason: str, status: int | None, label: str) -> None:
     assert reason_label(reason, status) == label
+
+
+def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
+    import json
+    import re
+
+    from ringrelay.metrics import Metrics, provider_gauges
+
+    path = Path(__file__).parent.parent / "deploy" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    metrics = Metrics()
+    metrics.watch(provider_gauges([], {}))
+    names = set()
+    for family in metrics.registry.collect():
+        names.add(family.name)
+        names.update({f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_count"})
+        names.add(f"{family.name}_info")
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bringrelay_[a-z_]+", target["expr"])
+    }
+    assert len(used) >= 12
+    assert used <= names, used - names
