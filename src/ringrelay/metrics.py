@@ -46,7 +46,7 @@ _FCM_CODES = frozenset(
 def reason_label(reason: str, http_status: int | None) -> str:
     """A bounded label for a push result's reason: the provider's code where it is one of the
     documented ones, else the HTTP status, else a class of local failure."""
-    if not reason and http_status in (200, 201):
+    if not reason and (http_status is None or http_status < 300):
         return "ok"
     words = reason.replace(":", " ").split()
     for word in words[:4]:
@@ -58,7 +58,7 @@ def reason_label(reason: str, http_status: int | None) -> str:
     for key in ("timeout", "overloaded", "oauth", "connection", "payload", "transport"):
         if key in low:
             return key
-    return "other" if reason else "ok"
+    return "other"
 
 
 class Metrics:
@@ -145,6 +145,7 @@ class Metrics:
         # Label children looked up once: labels() takes a lock and builds a key on every call.
         self._attempts: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._events: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._counted: set[tuple[str, str]] = set()
         self.registrations_counted_at = -1e9
 
@@ -168,15 +169,24 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
         if retry:
-            self.retries.labels(provider).inc()
+            self._child(self.retries, provider).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def push_outcome(self, provider: str, platform: str, status: str) -> None:
-        self.outcomes.labels(provider or "none", platform, status).inc()
+        self._child(self.outcomes, provider or "none", platform, status).inc()
 
     def first_push(self, event_time: float | None, received_at: float, accepted_at: float) -> None:
         if event_time is not None:
-            self.event_to_push.labels("event_time").observe(max(0.0, accepted_at - event_time))
-        self.event_to_push.labels("receipt").observe(max(0.0, accepted_at - received_at))
+            self._child(self.event_to_push, "event_time").observe(
+                max(0.0, accepted_at - event_time)
+            )
+        self._child(self.event_to_push, "receipt").observe(max(0.0, accepted_at - received_at))
 
     def event(self, event_type: str, status: str) -> None:
         key = (event_type, status)
