@@ -180,3 +180,54 @@ async def test_unauthenticated_access_is_refused(browser, make_server, tmp_path)
     cookies = await browser.cookies()
     (cookie,) = [c for c in cookies if c["name"] == "ringrelay_dashboard_key"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+
+@pytest.fixture(scope="module")
+def apns_app(background_loop: Any, certs: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from ringrelay.fakes.apns import FakeAPNs, write_signing_key
+
+    key = tmp_path_factory.mktemp("dashboard-apns") / "AuthKey.p8"
+    fake = FakeAPNs()
+    fake.add_key("TEAM123456", "KEYAAAAAAA", write_signing_key(key), {"com.contoso.calling"})
+    background_loop.run(fake.start("127.0.0.1", 0, str(certs.ca_file.parent)))
+    app = {
+        "bundle_id": "com.contoso.calling", "team_id": "TEAM123456", "key_id": "KEYAAAAAAA",
+        "key_file": key, "endpoint": fake.base_url, "ca_file": certs.ca_file,
+    }  # fmt: skip
+    yield fake, app
+    background_loop.run(fake.stop())
+
+
+async def test_pruned_token_and_config_error_are_explained(
+    browser, http, make_server, apns_app
+) -> None:
+    fake, app = apns_app
+    fake.reset()
+    server = make_server(apns=[app])
+    mixup, dead_token = acs_id("mixup-dash"), apns_token(77)
+    await register(http, server, mixup, "iphone", token=dead_token)
+    fake.respond(400, "BadDeviceToken", device_token=dead_token)
+    await post_events(http, server, [incoming_call_event(mixup)])
+    wrong_app = acs_id("wrong-key-dash")
+    await register(http, server, wrong_app, "ipad", token=apns_token(78))
+    fake.respond(403, "InvalidProviderToken", device_token=apns_token(78))
+    config = incoming_call_event(wrong_app)
+    await post_events(http, server, [config])
+
+    page = await browser.new_page()
+    await page.goto(f"{server.url}/dashboard/removed")
+    text = await page.inner_text("main")
+    assert "BadDeviceToken" in text and "sandbox/production mix-up" in text
+    assert dead_token not in await page.content()
+    await shot(page, "removed")
+    await page.click(f"text={mixup}")
+    assert "nothing can ring" in await page.inner_text("main")
+
+    await page.goto(f"{server.url}/dashboard/calls/{config['data']['correlationId']}")
+    text = await page.inner_text("main")
+    assert "config_error" in text and "InvalidProviderToken" in text
+    assert "ringrelay doctor" in text
+    await page.goto(f"{server.url}/dashboard")
+    health = await page.inner_text("table")
+    assert "✗" in health and "InvalidProviderToken" in health
+    await shot(page, "overview-config-error")
