@@ -578,6 +578,9 @@ async def _check_clock(settings: Settings) -> Finding:
 
 
 def event_grid_checklist(settings: Settings) -> list[Finding]:
+    """The subscription ringrelay needs, as `az` commands (learn.microsoft.com/cli/azure/
+    eventgrid/event-subscription: --included-event-types, --max-delivery-attempts, --event-ttl
+    in minutes, --azure-active-directory-tenant-id / -application-id-or-uri)."""
     code = "?code=<secret>" if settings.webhook_secret else ""
     endpoint = f"https://<your-host>/api/events{code}"
     auth = ""
@@ -609,10 +612,10 @@ def event_grid_checklist(settings: Settings) -> list[Finding]:
         Finding(
             "eventgrid",
             None,
-            "not checkable from here: the subscription is ACS's, and its delivery "
-            "failures show in Event Grid's metrics",
-            "az monitor metrics list --resource <ACS resource id> --metric "
-            "DeliveryAttemptFailCount --interval PT1M",
+            "not checkable from here: the subscription belongs to ACS's Event Grid system "
+            "topic, whose metrics show failed and dropped deliveries",
+            "az monitor metrics list --resource <system topic resource id> --metric "
+            "DeliveryAttemptFailCount DroppedEventCount --interval PT1M",
         ),
     ]
 
