@@ -139,3 +139,30 @@ async def test_trace_push_expired_while_retrying(http, make_server, fake_nh, nh_
     assert len(device["attempt_log"]) >= 2
     assert {a["status"] for a in device["attempt_log"]} == {"transient"}
     assert ev["first_push_at"] is None
+
+
+def test_call_log_keeps_the_newest_events_only() -> None:
+    from ringrelay.models import DeliveryStatus, Platform, PushKind, Registration
+    from ringrelay.ops.calllog import CallLog
+    from ringrelay.providers import PushResult
+
+    class Provider:
+        name, app_id = "apns", "com.contoso.calling"
+
+    log = CallLog(max_events=3, max_attempts_per_event=2)
+    reg = Registration("8:acs:x", "d", Platform.APNS, "ab" * 32, PushKind.VOIP, None, 0, 0, 9e9)
+    ok = PushResult(DeliveryStatus.ACCEPTED, http_status=200, provider_ref="ref")
+    for n in range(5):
+        log.receipt(f"e{n}", float(n), n, float(n) - 0.5)
+        for attempt in (1, 2, 3):
+            log.attempt(f"e{n}", reg, attempt, Provider(), ok, 0.002, float(n) + 0.1)
+    assert log.attempts_for("e0") == [] and log.receipts_for("e1") == []
+    assert [a.attempt for a in log.attempts_for("e4")] == [1, 2]  # per-event cap
+    (a, _) = log.attempts_for("e4")
+    assert (a.provider, a.app, a.status, a.latency_ms, a.provider_ref) == (
+        "apns", "com.contoso.calling", "accepted", 2.0, "ref",
+    )  # fmt: skip
+    assert log.first_accepted("e4") == 4.1 and log.first_accepted("e0") is None
+    latencies = sorted(log.first_push_latencies())
+    assert [at for at, _ in latencies] == [2.1, 3.1, 4.1]
+    assert all(abs(seconds - 0.6) < 1e-9 for _, seconds in latencies)
