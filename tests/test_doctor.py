@@ -309,6 +309,17 @@ async def test_unreachable_store(tmp_path) -> None:
     assert f.ok is False and "RINGRELAY_DATABASE_URL" in f.fix
 
 
+async def test_store_migrated_by_a_newer_version(tmp_path) -> None:
+    import sqlite3
+
+    db = tmp_path / "newer.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version=99")
+    findings = await doctor(tmp_path, database_url=f"sqlite:///{db}")
+    f = find(findings, "store", "cannot open")
+    assert f.ok is False and "schema version 99" in f.what and "newer ringrelay" in f.fix
+
+
 async def test_event_grid_checklist_has_the_az_commands(tmp_path) -> None:
     findings = await doctor(tmp_path)
     f = find(findings, "eventgrid", "2 attempts")

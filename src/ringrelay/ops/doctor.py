@@ -395,13 +395,17 @@ async def _check_store(settings: Settings) -> tuple[list[Finding], Any]:
         await store.open()  # applies pending migrations, as `serve` and `db upgrade` do
         await store.ping()
     except Exception as exc:
+        newer = "newer than this ringrelay" in str(exc)
         return [
             Finding(
                 "store",
                 False,
-                f"{store.description if hasattr(store, 'description') else 'store'}: "
-                f"cannot open ({type(exc).__name__}: {exc})",
-                "check RINGRELAY_DATABASE_URL (host, port, user, database) and that the "
+                f"{getattr(store, 'description', 'store')}: cannot open "
+                f"({type(exc).__name__}: {exc})",
+                "the schema was migrated by a newer ringrelay: run that version (or newer) "
+                "here too; migrations only go forward"
+                if newer
+                else "check RINGRELAY_DATABASE_URL (host, port, user, database) and that the "
                 "database accepts connections from here",
             )
         ], None
