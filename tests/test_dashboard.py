@@ -153,7 +153,9 @@ async def test_unauthenticated_access_is_refused(browser, make_server, tmp_path)
     database_url = f"sqlite:///{tmp_path / 'auth.db'}"
     admin = _create_key(database_url, "admin")
     reader = _create_key(database_url, "read")
-    server = make_server(database_url=database_url)
+    # (Authentication is on with an active key here; `auth_required` says so where the
+    # setting exists, and is ignored where it does not.)
+    server = make_server(database_url=database_url, auth_required=True)
 
     page = await browser.new_page()
     resp = await page.goto(f"{server.url}/dashboard")
