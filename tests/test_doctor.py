@@ -159,6 +159,13 @@ async def test_hub_without_apns_credentials_says_token_mode(tmp_path, fake_nh, n
     assert find(findings, "notificationhubs", "direct send (fcmv1)").ok is True
 
 
+async def test_hub_refusing_only_the_probe_handle_passes(tmp_path, fake_nh, nh_settings) -> None:
+    fake_nh.respond(400, times=2)  # "scripted 400": nothing about credentials
+    findings = await doctor(tmp_path, **nh_settings)
+    f = find(findings, "notificationhubs", "direct send (apple)")
+    assert f.ok is True and "refused only the probe's handle" in f.what
+
+
 async def test_old_api_version_with_fcm_v1(tmp_path, fake_nh, nh_settings) -> None:
     findings = await doctor(tmp_path, **nh_settings, nh_api_version="2015-01")
     f = find(findings, "notificationhubs", "API version 2015-01")

@@ -148,6 +148,18 @@ def _nh_finding(platform: Platform, hub: str, result: PushResult) -> Finding:
             "the namespace's quota is used up or its tier does not allow this: check the "
             "hub's pricing tier and usage in the portal (Notification Hubs → Usage)",
         )
+    if status == 400 and not any(
+        word in result.reason.lower() for word in ("credential", "not configured", "certificate")
+    ):
+        # No public source quotes the hub's answer to a handle no device has; a 400 that is
+        # not about the hub's platform credentials is taken as the handle refused, which
+        # needs the key accepted first.
+        return Finding(
+            area,
+            True,
+            f"{what}: the key was accepted; the hub refused only the probe's handle "
+            f"({result.reason})",
+        )
     if status == 400:
         return Finding(
             area,
