@@ -76,7 +76,7 @@ EVENT_MEANING: dict[str, str] = {
     "delivered": "every device accepted the push",
     "failed": "settled, but not every device accepted the push; a retry would not change that",
     "pending": "a transient failure remains; answered 503 so that Event Grid retries",
-    "expired": "the ring window ended before the push could go out",
+    "expired": "the ring window ended before any push could go out",
     "rejected": "the event is malformed and was not pushed",
     "no_devices": "the callee has no live VoIP registration",
     "ignored": "an event type ringrelay does not handle (acknowledged)",
