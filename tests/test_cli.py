@@ -332,6 +332,11 @@ CONFIG_FILES = {
             ["cannot open the store", "RINGRELAY_DATABASE_URL=postgresql://postgres@"],
         ),
         (
+            ["keys", "list"],
+            {"RINGRELAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:{port}/test"},
+            ["cannot open the store", "RINGRELAY_DATABASE_URL=postgresql://postgres@"],
+        ),
+        (
             ["db", "upgrade"],
             {"RINGRELAY_DATABASE_URL": "sqlite:///./no/such/folder/r.db"},
             ["RINGRELAY_DATABASE_URL: the folder no/such/folder does not exist"],
@@ -353,6 +358,22 @@ CONFIG_FILES = {
                 "--insecure",
             ],
         ),
+    ],
+    ids=[
+        "malformed-toml",
+        "unknown-toml-key",
+        "unknown-apns-key",
+        "log-level",
+        "apns-not-json",
+        "missing-nh-ca-file",
+        "serve-postgres-unreachable",
+        "db-upgrade-postgres-unreachable",
+        "keys-postgres-unreachable",
+        "db-upgrade-sqlite-folder-missing",
+        "simulate-server-without-scheme",
+        "serve-port-out-of-range",
+        "fake-port-out-of-range",
+        "public-host-without-auth",
     ],
 )
 def test_a_wrong_setting_is_one_line_naming_it(tmp_path, args, env, expected) -> None:

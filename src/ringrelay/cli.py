@@ -124,7 +124,11 @@ def _keys(args: argparse.Namespace) -> int:
                 print(f"revoked API key {args.key_id}")
             return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except Exception as exc:  # see _check_store
+        print(_store_error(settings, exc), file=sys.stderr)
+        return 1
 
 
 def _db(args: argparse.Namespace) -> int:
