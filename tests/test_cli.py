@@ -228,7 +228,7 @@ def _start_fake(args: list[str], cwd: object) -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("received pushes"):
+        if "received pushes" in line or line.startswith("ready"):
             return proc
     raise RuntimeError(f"fake did not start: {proc.wait(timeout=5)}")
 
@@ -275,9 +275,237 @@ def test_fake_apns_and_fcm_commands_run_the_whole_path_on_a_laptop(tmp_path) -> 
         assert "pixel [fcm] accepted via fcm" in out.stdout
         proc.terminate()
         stdout, _ = proc.communicate(timeout=10)
-        assert "delivery: APNs sandbox (com.example.calling" in stdout
-        assert "FCM v1 (project example-calling" in stdout
+        assert "delivery: APNs sandbox (com.contoso.calling" in stdout
+        assert "FCM v1 (project contoso-calling" in stdout
     finally:
         for fake in fakes:
             fake.terminate()
             fake.wait(timeout=10)
+
+
+def _run(
+    args: list[str], cwd: object, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RINGRELAY, *args],
+        cwd=cwd,
+        env=clean_env() | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+CONFIG_FILES = {
+    "bad.toml": "ring_window_seconds = \n",
+    "typo.toml": "ring_windw_seconds = 30\n",
+    "apns-typo.toml": '[[apns]]\nbundle_id = "com.contoso.calling"\nbundel = "x"\n',
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["serve", "--config", "bad.toml"], {}, ["bad.toml: not valid TOML", "at line 1"]),
+        (["serve", "--config", "typo.toml"], {}, ["typo.toml: ring_windw_seconds: unknown key"]),
+        (["serve", "--config", "apns-typo.toml"], {}, ["apns[0].bundel: unknown key"]),
+        (["serve"], {"RINGRELAY_LOG_LEVEL": "LOUD"}, ["RINGRELAY_LOG_LEVEL", "LOUD"]),
+        (["serve"], {"RINGRELAY_APNS": "not json"}, ["RINGRELAY_APNS: not valid JSON"]),
+        (
+            ["serve"],
+            {
+                "RINGRELAY_NH_CONNECTION_STRING": "Endpoint=sb://127.0.0.1:9/;"
+                "SharedAccessKeyName=a;SharedAccessKey=b",
+                "RINGRELAY_NH_HUB_NAME": "hub",
+                "RINGRELAY_NH_CA_FILE": "/nonexistent/ca.pem",
+            },
+            ["RINGRELAY_NH_CA_FILE: no such file /nonexistent/ca.pem"],
+        ),
+        (
+            ["serve"],
+            {"RINGRELAY_DATABASE_URL": "postgresql://postgres:pw@127.0.0.1:{port}/test"},
+            ["cannot open the store", "RINGRELAY_DATABASE_URL=postgresql://postgres:***@"],
+        ),
+        (
+            ["db", "upgrade"],
+            {"RINGRELAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:{port}/test"},
+            ["cannot open the store", "RINGRELAY_DATABASE_URL=postgresql://postgres@"],
+        ),
+        (
+            ["keys", "list"],
+            {"RINGRELAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:{port}/test"},
+            ["cannot open the store", "RINGRELAY_DATABASE_URL=postgresql://postgres@"],
+        ),
+        (
+            ["db", "upgrade"],
+            {"RINGRELAY_DATABASE_URL": "sqlite:///./no/such/folder/r.db"},
+            ["RINGRELAY_DATABASE_URL: the folder no/such/folder does not exist"],
+        ),
+        (
+            ["simulate", "incoming-call", "--to", acs_id("x"), "--server", "127.0.0.1:8080"],
+            {},
+            ["--server must be a URL such as http://127.0.0.1:8080"],
+        ),
+        (["serve", "--port", "99999"], {}, ["--port: 99999 is not a TCP port"]),
+        (["fake", "apns", "--port", "70000"], {}, ["--port: 70000 is not a TCP port"]),
+        (
+            ["serve", "--host", "0.0.0.0", "--port", "{port}"],
+            {},
+            [
+                "RINGRELAY_AUTH_ISSUER",
+                "RINGRELAY_AUTH_JWKS_URL",
+                "ringrelay keys create",
+                "--insecure",
+            ],
+        ),
+    ],
+    ids=[
+        "malformed-toml",
+        "unknown-toml-key",
+        "unknown-apns-key",
+        "log-level",
+        "apns-not-json",
+        "missing-nh-ca-file",
+        "serve-postgres-unreachable",
+        "db-upgrade-postgres-unreachable",
+        "keys-postgres-unreachable",
+        "db-upgrade-sqlite-folder-missing",
+        "simulate-server-without-scheme",
+        "serve-port-out-of-range",
+        "fake-port-out-of-range",
+        "public-host-without-auth",
+    ],
+)
+def test_a_wrong_setting_is_one_line_naming_it(tmp_path, args, env, expected) -> None:
+    """What a newcomer gets wrong first: one line naming the setting, never a traceback, and
+    nothing started or created."""
+    for name, text in CONFIG_FILES.items():
+        (tmp_path / name).write_text(text)
+    port = str(free_port())  # nothing listens there
+    args = [a.replace("{port}", port) for a in args]
+    env = {k: v.replace("{port}", port) for k, v in env.items()}
+    out = _run(args, tmp_path, env)
+    assert out.returncode in (1, 2), out.stdout + out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    for text in expected:
+        assert text in out.stderr
+    assert not (tmp_path / "no").exists()  # `db upgrade` made no folder
+
+
+def test_a_fake_on_a_busy_port_says_so_in_one_line(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for provider in ("apns", "fcm", "notificationhubs"):
+            out = _run(["fake", provider, "--port", str(port)], tmp_path)
+            assert out.returncode == 1
+            assert "Traceback" not in out.stderr
+            assert "address already in use" in out.stderr and str(port) in out.stderr
+            assert "--port" in out.stderr
+
+
+def test_help_shows_the_defaults(tmp_path) -> None:
+    serve_help = _run(["serve", "--help"], tmp_path).stdout
+    assert "(default: 8080)" in serve_help and "(default: 127.0.0.1)" in serve_help
+    assert "--forwarded-allow-ips" in serve_help
+    fake_help = _run(["fake", "all", "--help"], tmp_path).stdout
+    assert "(default: com.contoso.calling)" in fake_help
+
+
+def test_forwarded_allow_ips_is_a_serve_flag(tmp_path) -> None:
+    """Behind a proxy at 10.9.9.9 only its X-Forwarded-For is trusted: requests from loopback
+    claiming other addresses count as one client (limit 2 per minute), so the third gets 429.
+    uvicorn's default trusts loopback, where each claimed address would be its own client."""
+    port = free_port()
+    env = clean_env() | {"RINGRELAY_RATE_LIMIT_PER_CLIENT": "2"}
+    proc = serve(port, tmp_path, env, "--forwarded-allow-ips", "10.9.9.9")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        answers = []
+        for i in range(3):
+            req = urllib.request.Request(
+                f"{url}/v1/identities/{acs_id('fwd')}/devices",
+                headers={"X-Forwarded-For": f"203.0.113.{i}"},
+            )
+            try:
+                answers.append(urllib.request.urlopen(req).status)
+            except urllib.error.HTTPError as exc:
+                answers.append(exc.code)
+        assert answers == [200, 200, 429]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _put(url: str, path: str, body: dict[str, str]) -> int:
+    import json
+
+    req = urllib.request.Request(
+        f"{url}{path}",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    return urllib.request.urlopen(req).status
+
+
+def test_fake_all_writes_one_config_and_simulate_says_what_happened_per_device(tmp_path) -> None:
+    """`ringrelay fake all` + `ringrelay serve --config` + the README's quickstart registrations
+    (the iPhone names app_id com.contoso.calling): iOS to the fake APNs, Android to the fake FCM,
+    Windows through the fake hub. One Android token is dead: the summary says 3 of 4 devices
+    accepted the push and what happened to each, not just "failed"."""
+    import json
+    import ssl
+
+    fake = _start_fake(
+        ["all", "--apns-port", "0", "--fcm-port", "0", "--nh-port", "0", "--tls-dir", "fake"],
+        tmp_path,
+    )
+    try:
+        config = tmp_path / "fake" / "ringrelay.toml"
+        port = free_port()
+        proc = serve(port, tmp_path, clean_env(), "--config", str(config))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        callee = acs_id("all")
+        base = f"/v1/identities/{callee}/devices"
+        iphone = {"platform": "apns", "token": "ab" * 32, "app_id": "com.contoso.calling"}
+        assert _put(url, f"{base}/iphone-1", iphone) == 201
+        assert _put(url, f"{base}/pixel-1", {"platform": "fcm", "token": "fcm-live:APA91b"}) == 201
+        assert _put(url, f"{base}/pixel-2", {"platform": "fcm", "token": "fcm-dead:APA91b"}) == 201
+        surface = {"platform": "wns", "token": "https://wns.example/chan?x=1"}
+        assert _put(url, f"{base}/surface-1", surface) == 201
+
+        fcm_url = json.loads(
+            config.read_text().split("[[fcm]]")[1].split("endpoint = ")[1].split("\n")[0]
+        )
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "fake" / "ca.pem"))
+        script = urllib.request.Request(
+            f"{fcm_url}/_fake/script",
+            data=json.dumps(
+                {"status": 404, "error_code": "UNREGISTERED", "token": "fcm-dead:APA91b"}
+            ).encode(),
+            method="POST",
+        )
+        assert urllib.request.urlopen(script, context=ctx).status == 204
+
+        out = _run(["simulate", "incoming-call", "--to", callee, "--server", url], tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "result: 3 of 4 device(s) accepted the push, 1 rejected" in out.stdout
+        assert "event status: failed (settled, but not every device accepted" in out.stdout
+        assert "iphone-1 [apns] accepted via apns after 1 attempt(s): the provider took" in (
+            out.stdout
+        )
+        assert "pixel-1 [fcm] accepted via fcm" in out.stdout
+        assert "surface-1 [wns] accepted via notificationhubs" in out.stdout
+        assert "pixel-2 [fcm] rejected via fcm after 1 attempt(s): the provider refused it" in (
+            out.stdout
+        )
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=10)
+        assert "APNs sandbox (com.contoso.calling" in stdout
+    finally:
+        fake.terminate()
+        fake.wait(timeout=10)

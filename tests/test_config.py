@@ -179,3 +179,66 @@ def test_duplicate_app_ids_and_impossible_routes_are_refused(tmp_path) -> None:
     config.write_text(_direct_config(tmp_path) + '\n[routes]\nwns = "apns"\n')
     with pytest.raises(ConfigError, match=r"routes\.wns"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("ring_windw_seconds = 30\n", "ring_windw_seconds: unknown key (did you mean"),
+        ('[routes]\nwnss = "sandbox"\n', "routes.wnss: unknown key"),
+        ("ring_window_seconds = \n", "not valid TOML: Invalid value (at line 1"),
+    ],
+)
+def test_toml_typos_and_syntax_errors_are_refused(tmp_path, text, named) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    assert str(err.value).startswith(f"{config}: ")
+    assert named in str(err.value)
+
+
+def test_unknown_key_in_an_apns_table_is_named(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(_direct_config(tmp_path, apns_extra='bundel_id = "x"'))
+    with pytest.raises(ConfigError, match=r"apns\[0\]\.bundel_id: unknown key"):
+        load_settings(config)
+
+
+def test_sample_names_and_lower_case_keys_are_known_in_toml(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(f'ANHHubConnectionString = "{CONN}"\nnh_hub_name = "calls"\n')
+    assert load_settings(config).nh_hub_name == "calls"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RINGRELAY_LOG_LEVEL": "LOUD"}, "RINGRELAY_LOG_LEVEL: expected one of DEBUG"),
+        ({"RINGRELAY_APNS": "not json"}, "RINGRELAY_APNS: not valid JSON"),
+        ({"RINGRELAY_ROUTES": "{"}, "RINGRELAY_ROUTES: not valid JSON"),
+        ({"RINGRELAY_NH_CA_FILE": "/nonexistent/ca.pem"}, "RINGRELAY_NH_CA_FILE: no such file"),
+        (
+            {"RINGRELAY_DATABASE_URL": "sqlite:///./no/such/folder/r.db"},
+            "RINGRELAY_DATABASE_URL: the folder no/such/folder does not exist",
+        ),
+    ],
+)
+def test_more_malformed_settings_name_the_setting(monkeypatch, env, named) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert named in str(err.value)
+
+
+def test_log_level_is_case_insensitive(monkeypatch) -> None:
+    monkeypatch.setenv("RINGRELAY_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_a_direct_apps_ca_file_must_exist(tmp_path) -> None:
+    config = tmp_path / "ringrelay.toml"
+    config.write_text(_direct_config(tmp_path, fcm_extra='ca_file = "/nonexistent/ca.pem"'))
+    with pytest.raises(ConfigError, match=r"fcm\[0\]\.ca_file: no such file"):
+        load_settings(config)

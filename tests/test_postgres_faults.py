@@ -14,7 +14,7 @@ import aiohttp
 
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import acs_id, apns_token, post_events, register
-from tests.test_postgres_instances import pg_instances
+from tests.test_postgres_instances import INSTANCES_APP_NAME, pg_instances
 from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
 
 EVENTS = 300
@@ -31,7 +31,8 @@ async def _kill_connections() -> int:
             await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND application_name = ''"
+                "AND application_name = $1",
+                INSTANCES_APP_NAME,
             )
         )
     finally:

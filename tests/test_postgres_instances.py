@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
 ROUNDS = 100
 
 
+INSTANCES_APP_NAME = f"rr_test_{os.getpid()}"
+
+
 @contextlib.asynccontextmanager
 async def pg_instances(
     tmp_path, count: int = 2, env: dict[str, str] | None = None
@@ -28,7 +32,9 @@ async def pg_instances(
     """`count` `ringrelay serve` processes sharing a fresh PostgreSQL schema."""
     schema = f"rr_test_{uuid.uuid4().hex[:12]}"
     await _postgres_store(schema)  # creates the schema, or skips/fails as the suite says
-    url = f"{PG_URL}?search_path={schema}"
+    # The instances' connections carry this process's name: a test that kills "every
+    # connection" kills only its own, not those of tests running in parallel (pytest-xdist).
+    url = f"{PG_URL}?search_path={schema}&application_name={INSTANCES_APP_NAME}"
     procs, urls = [], []
     for _ in range(count):
         port = free_port()
@@ -140,7 +146,8 @@ async def test_killed_database_connections_are_replaced(two_instances) -> None:
         killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND application_name = ''"
+            "AND application_name = $1",
+            INSTANCES_APP_NAME,
         )
         await admin.close()
         assert killed >= 1

@@ -70,6 +70,35 @@ async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
         await store.close()
 
 
+def _redacted_url(url: str) -> str:
+    """The database URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _store_error(settings: Settings, exc: BaseException) -> str:
+    reason = str(exc) or type(exc).__name__
+    return (
+        f"ringrelay: cannot open the store at RINGRELAY_DATABASE_URL="
+        f"{_redacted_url(settings.database_url)}: {reason}"
+    )
+
+
+async def _check_store(settings: Settings) -> str | None:
+    """Open the store once (applying migrations) so that an unreachable database is one line
+    naming the setting, not a traceback from inside the server's start-up."""
+    try:
+        async with _opened_store(settings):
+            return None
+    except Exception as exc:  # asyncpg, sqlite3 and OS errors alike: all say why in one line
+        return _store_error(settings, exc)
+
+
 async def _active_api_keys(settings: Settings) -> int:
     async with _opened_store(settings) as store:
         return await store.active_api_keys()
@@ -137,7 +166,11 @@ def _keys(args: argparse.Namespace) -> int:
                     )
             return 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except Exception as exc:  # see _check_store
+        print(_store_error(settings, exc), file=sys.stderr)
+        return 1
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -150,7 +183,12 @@ def _db(args: argparse.Namespace) -> int:
         async with _opened_store(settings) as store:  # migrations run (locked on PostgreSQL)
             return store.description
 
-    print(f"schema up to date: {asyncio.run(upgrade())}")
+    try:
+        description = asyncio.run(upgrade())
+    except Exception as exc:  # see _check_store
+        print(_store_error(settings, exc), file=sys.stderr)
+        return 1
+    print(f"schema up to date: {description}")
     return 0
 
 
@@ -164,8 +202,9 @@ def _is_loopback(host: str) -> bool:
 
 
 _HOW_TO_AUTHENTICATE = (
-    "configure RINGRELAY_AUTH_ISSUER for users' JWTs (see README, Security) or create an API key "
-    "for a backend (`ringrelay keys create --name <backend>`)"
+    "configure a JWT issuer for users' tokens (RINGRELAY_AUTH_ISSUER with RINGRELAY_AUTH_AUDIENCE "
+    "and RINGRELAY_AUTH_JWKS_URL or RINGRELAY_AUTH_PUBLIC_KEY_FILE; README, Security) or create "
+    "an API key for a backend (`ringrelay keys create --name <backend>`)"
 )
 
 
@@ -203,6 +242,10 @@ def _serve(args: argparse.Namespace) -> int:
     from ringrelay.logs import configure
 
     configure(settings.log_level, settings.log_format)
+    store_problem = asyncio.run(_check_store(settings))
+    if store_problem is not None:
+        print(store_problem, file=sys.stderr)
+        return 1
     problem = _auth_problem(settings, args)
     if problem is not None:
         print(f"ringrelay: refusing to listen on {args.host}: {problem}", file=sys.stderr)
@@ -251,6 +294,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.webhook_deadline_seconds) + 2,
+        # None: uvicorn's own default ($FORWARDED_ALLOW_IPS, else 127.0.0.1).
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     server = uvicorn.Server(config)
     # Everything allocated at start-up lives as long as the process: move it out of the
@@ -280,6 +325,18 @@ async def _post(url: str, payload: bytes, api_key: str | None = None) -> tuple[i
             return resp.status, text.decode(errors="replace")
 
 
+def _server_problem(args: argparse.Namespace) -> str | None:
+    from urllib.parse import urlsplit
+
+    server = urlsplit(str(args.server))
+    if server.scheme not in ("http", "https") or not server.hostname:
+        return (
+            f"ringrelay simulate: --server must be a URL such as http://127.0.0.1:8080, "
+            f"not {args.server!r}"
+        )
+    return None
+
+
 def _webhook_url(args: argparse.Namespace) -> str:
     url = str(args.server).rstrip("/") + "/api/events"
     secret = args.secret or os.environ.get("RINGRELAY_WEBHOOK_SECRET")
@@ -305,9 +362,15 @@ def _post_and_show(
     args: argparse.Namespace, url: str, body: object, title: str, expect: str, **kw: Any
 ) -> tuple[int, dict[str, Any]] | None:
     """POST, print the title line; None (after saying why) when the answer is not usable."""
+    import aiohttp
+
+    problem = _server_problem(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return None
     try:
         status, answer = asyncio.run(_post(url, orjson.dumps(body), **kw))
-    except OSError as exc:
+    except (OSError, aiohttp.ClientError) as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
         return None
     print(f"{title}: HTTP {status}")
@@ -322,15 +385,10 @@ def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) ->
     if posted is None:
         return 1
     status, answer = posted
+    from ringrelay.simulate import summarize
+
     for report in answer["events"]:
-        deliveries = report.get("deliveries", [])
-        accepted = sum(1 for d in deliveries if d["status"] == "accepted")
-        print(
-            f"  event status: {report['status']}"
-            + (f" ({report['reason']})" if report.get("reason") else "")
-        )
-        print(f"  devices found: {len(deliveries)}, pushes accepted: {accepted}")
-        _print_deliveries(deliveries)
+        print("\n".join(summarize(report)))
     return 0 if status == 200 else 1
 
 
@@ -452,47 +510,130 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _fake_all(args: argparse.Namespace) -> None:
+    """`ringrelay fake all`: fake APNs, FCM and Notification Hubs in one process, and ONE config
+    file that points `ringrelay serve --config` at all three (iOS and Android direct, the other
+    platforms through the hub)."""
+    from pathlib import Path
+
+    from ringrelay.fakes import apns, fcm, notificationhubs
+
+    _, apns_config, apns_info = await apns.start_for_cli(
+        args.host, args.apns_port, args.tls_dir, args.bundle_id, args.team_id
+    )
+    _, fcm_config, fcm_info = await fcm.start_for_cli(
+        args.host, args.fcm_port, args.tls_dir, args.project
+    )
+    _, nh_config, nh_info = await notificationhubs.start_for_cli(
+        args.host, args.nh_port, args.tls_dir, args.hub, args.key
+    )
+    # Top-level keys before the tables: in TOML a key after [[fcm]] would belong to that table.
+    config = f"{nh_config}\n{apns_config}\n{fcm_config}"
+    written = Path(args.tls_dir) / "ringrelay.toml"
+    written.write_text(config)
+    print(
+        f"{apns_info}\n{fcm_info}\n{nh_info}\n"
+        f"config for all three written to {written.resolve()}; run:\n"
+        f"  ringrelay serve --config {written}\n"
+        "ready",
+        flush=True,
+    )
+    await asyncio.Event().wait()
+
+
 def _fake(args: argparse.Namespace) -> int:
-    if args.provider == "apns":
-        from ringrelay.fakes import apns
+    try:
+        if args.provider == "all":
+            asyncio.run(_fake_all(args))
+        elif args.provider == "apns":
+            from ringrelay.fakes import apns
 
-        asyncio.run(
-            apns.run_forever(args.host, args.port, args.tls_dir, args.bundle_id, args.team_id)
+            asyncio.run(
+                apns.run_forever(args.host, args.port, args.tls_dir, args.bundle_id, args.team_id)
+            )
+        elif args.provider == "fcm":
+            from ringrelay.fakes import fcm
+
+            asyncio.run(fcm.run_forever(args.host, args.port, args.tls_dir, args.project))
+        else:
+            from ringrelay.fakes import notificationhubs
+
+            asyncio.run(
+                notificationhubs.run_forever(args.host, args.port, args.tls_dir, args.hub, args.key)
+            )
+    except OSError as exc:  # a busy port, an address this machine does not have
+        flag = "the --*-port options" if args.provider == "all" else "--port"
+        print(
+            f"ringrelay fake {args.provider}: {exc} (choose another with {flag})", file=sys.stderr
         )
-    elif args.provider == "fcm":
-        from ringrelay.fakes import fcm
-
-        asyncio.run(fcm.run_forever(args.host, args.port, args.tls_dir, args.project))
-    else:
-        from ringrelay.fakes import notificationhubs
-
-        asyncio.run(
-            notificationhubs.run_forever(args.host, args.port, args.tls_dir, args.hub, args.key)
-        )
+        return 1
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for a listening server; argparse names the option when this raises."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1 to 65535)")
+    return port
+
+
+def _fake_port(text: str) -> int:
+    """As _port, and 0 for any free port (a fake prints the port it got)."""
+    return 0 if text.strip() == "0" else _port(text)
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default that is a value; an unset option's help says what applies instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's --help shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ringrelay", description="Azure Communication Services events in, VoIP pushes out."
     )
     parser.add_argument("--version", action="version", version=f"ringrelay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    config_help = "TOML settings file (also RINGRELAY_CONFIG; default: none)"
     serve = sub.add_parser("serve", help="run the service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_port, default=8080, help="TCP port to listen on")
+    serve.add_argument("--config", help=config_help)
     serve.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="log every request (default: on; the webhook's ?code= is redacted)",
+        help="log every request (the webhook's ?code= is redacted)",
     )
     serve.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback address without registrar authentication (warns)",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        metavar="ADDRESSES",
+        help="comma-separated proxy addresses (or '*') whose X-Forwarded-For/-Proto are "
+        "trusted as the client's; passed to uvicorn (default: $FORWARDED_ALLOW_IPS, "
+        "else 127.0.0.1)",
     )
     serve.set_defaults(func=_serve)
 
@@ -506,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="8:acs:00000000-0000-0000-0000-000000000000_caller",
         help="caller rawId (4:+<E.164> for a phone caller)",
     )
-    call.add_argument("--display-name", default="ringrelay simulator")
+    call.add_argument("--display-name", default="ringrelay simulator", help="caller's name")
     call.add_argument("--call-id", help="the call's correlationId (default: a new one)")
     call.set_defaults(func=_simulate)
     ended = sim_sub.add_parser("call-ended", help="a Microsoft.Communication.CallEnded")
@@ -523,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     answered.set_defaults(func=_simulate_answered)
     for p in (call, ended, answered):
-        p.add_argument("--server", default="http://127.0.0.1:8080")
-        p.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
+        p.add_argument("--server", default="http://127.0.0.1:8080", help="ringrelay's base URL")
+        p.add_argument("--secret", help="webhook secret (default: $RINGRELAY_WEBHOOK_SECRET)")
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -534,19 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope",
         action="append",
         choices=["register", "read", "admin"],
-        help="repeatable; default: register",
+        help="repeatable (default: register)",
     )
     keys_sub.add_parser("list", help="list keys (never the secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
     for p in (keys,):
-        p.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+        p.add_argument("--config", help=config_help)
     keys.set_defaults(func=_keys)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="action", required=True)
     db_sub.add_parser("upgrade", help="apply pending schema migrations")
-    db.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    db.add_argument("--config", help=config_help)
     db.set_defaults(func=_db)
 
     doctor = sub.add_parser(
@@ -573,25 +714,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)
+    tls_help = "where to write the CA, keys and config"
+    port_help = "TCP port (0: any free port)"
+
+    def apns_options(p: argparse.ArgumentParser) -> None:
+        # The README's quickstart registers its iPhone with app_id com.contoso.calling.
+        p.add_argument("--bundle-id", default="com.contoso.calling", help="the app's bundle id")
+        p.add_argument("--team-id", default="FAKETEAM01", help="Apple team id")
+
+    def fcm_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--project", default="contoso-calling", help="Firebase project id")
+
+    def nh_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--hub", default="ringrelay", help="hub name")
+        p.add_argument("--key", default="ringrelay-fake-key", help="SAS key the hub checks")
+
+    everything = fake_sub.add_parser(
+        "all", help="fake APNs + FCM + Notification Hubs, and one config for all three"
+    )
+    everything.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    everything.add_argument("--apns-port", type=_fake_port, default=9444, help=port_help)
+    everything.add_argument("--fcm-port", type=_fake_port, default=9445, help=port_help)
+    everything.add_argument("--nh-port", type=_fake_port, default=9443, help=port_help)
+    everything.add_argument("--tls-dir", default="./ringrelay-fake-tls", help=tls_help)
+    apns_options(everything)
+    fcm_options(everything)
+    nh_options(everything)
+    everything.set_defaults(func=_fake)
     nh = fake_sub.add_parser("notificationhubs", help="fake Azure Notification Hubs over TLS")
-    nh.add_argument("--host", default="127.0.0.1")
-    nh.add_argument("--port", type=int, default=9443)
-    nh.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="where to write the CA")
-    nh.add_argument("--hub", default="ringrelay")
-    nh.add_argument("--key", default="ringrelay-fake-key")
+    nh.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    nh.add_argument("--port", type=_fake_port, default=9443, help=port_help)
+    nh.add_argument("--tls-dir", default="./ringrelay-fake-tls", help=tls_help)
+    nh_options(nh)
     nh.set_defaults(func=_fake)
     apns = fake_sub.add_parser("apns", help="fake APNs (HTTP/2 over TLS, JWT checked)")
-    apns.add_argument("--host", default="127.0.0.1")
-    apns.add_argument("--port", type=int, default=9444)
-    apns.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="CA, key and config")
-    apns.add_argument("--bundle-id", default="com.example.calling")
-    apns.add_argument("--team-id", default="FAKETEAM01")
+    apns.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    apns.add_argument("--port", type=_fake_port, default=9444, help=port_help)
+    apns.add_argument("--tls-dir", default="./ringrelay-fake-tls", help=tls_help)
+    apns_options(apns)
     apns.set_defaults(func=_fake)
     fcm = fake_sub.add_parser("fcm", help="fake FCM HTTP v1 with its OAuth token endpoint")
-    fcm.add_argument("--host", default="127.0.0.1")
-    fcm.add_argument("--port", type=int, default=9445)
-    fcm.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="CA, account and config")
-    fcm.add_argument("--project", default="example-calling")
+    fcm.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    fcm.add_argument("--port", type=_fake_port, default=9445, help=port_help)
+    fcm.add_argument("--tls-dir", default="./ringrelay-fake-tls", help=tls_help)
+    fcm_options(fcm)
     fcm.set_defaults(func=_fake)
     return parser
 

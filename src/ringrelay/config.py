@@ -3,7 +3,10 @@ over an optional TOML file over defaults."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -85,6 +89,13 @@ def parse_connection_string(value: str) -> NotificationHubsConnection:
 Transport = Literal["apns", "fcm", "notificationhubs", "sandbox"]
 
 
+def _existing_file(value: Path | None) -> Path | None:
+    """A CA or key file must exist when the setting is read, not at the first push."""
+    if value is not None and not value.is_file():
+        raise ValueError(f"no such file {value}")
+    return value
+
+
 class ApnsApp(BaseModel):
     """One iOS app pushed straight to APNs with a token-based (.p8) key. TOML: `[[apns]]`."""
 
@@ -110,6 +121,8 @@ class ApnsApp(BaseModel):
     @property
     def name(self) -> str:
         return self.app_id or self.bundle_id
+
+    _check_ca = field_validator("ca_file")(_existing_file)
 
     @field_validator("key_file")
     @classmethod
@@ -152,6 +165,8 @@ class FcmApp(BaseModel):
     @property
     def name(self) -> str:
         return self.app_id or self.project_id
+
+    _check_ca = field_validator("ca_file")(_existing_file)
 
     @field_validator("service_account_file")
     @classmethod
@@ -321,11 +336,27 @@ class Settings(BaseSettings):
             return value
         return None
 
+    _check_files = field_validator("nh_ca_file", "auth_jwks_ca_file")(_existing_file)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if value.upper() not in levels:
+            raise ValueError(f"expected one of {', '.join(levels)}, not {value!r}")
+        return value.upper()
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("expected sqlite:///path or postgresql://user@host:port/database")
+        path = value.removeprefix("sqlite:///")
+        if value.startswith("sqlite:///") and path != ":memory:":
+            # A typo in the path must not quietly create a fresh, empty registry somewhere else.
+            folder = Path(path).parent
+            if not folder.is_dir():
+                raise ValueError(f"the folder {folder} does not exist: create it first")
         return value
 
     @field_validator("nh_hub_url")
@@ -469,6 +500,51 @@ def _setting_name(loc: tuple[Any, ...]) -> str:
     return f"RINGRELAY_{field.upper()}"
 
 
+def _unknown_key(prefix: str, keys: Any, known: set[str]) -> str | None:
+    """The first key of a TOML table that no setting reads, with the nearest known name."""
+    for key in keys:
+        if str(key).lower() not in known:
+            near = difflib.get_close_matches(str(key).lower(), sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            return f"{prefix}{key}: unknown key{hint}"
+    return None
+
+
+def _check_toml(path: Path) -> None:
+    """Refuse a TOML file that does not parse, or that has a key no setting reads: pydantic
+    would ignore a typo such as `ring_windw_seconds` and run on the default."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    known = set(Settings.model_fields)
+    for field in Settings.model_fields.values():
+        if isinstance(field.validation_alias, AliasChoices):
+            known.update(str(a).lower() for a in field.validation_alias.choices)
+    problem = _unknown_key("", doc, known)
+    tables: list[tuple[str, type[BaseModel]]] = [("apns", ApnsApp), ("fcm", FcmApp)]
+    for name, model in tables:
+        apps = doc.get(name, [])
+        for i, app in enumerate(apps if isinstance(apps, list) else []):
+            if problem is None and isinstance(app, dict):
+                problem = _unknown_key(f"{name}[{i}].", app, set(model.model_fields))
+    routes = doc.get("routes", {})
+    if problem is None and isinstance(routes, dict):
+        problem = _unknown_key("routes.", routes, {p.value for p in Platform})
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
+
+
+def _settings_error(exc: SettingsError) -> ConfigError:
+    """pydantic-settings fails before validation on a JSON setting that does not parse."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None:
+        return ConfigError(f"invalid configuration: {exc}")
+    name = f"RINGRELAY_{found.group(1).upper()}"
+    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    return ConfigError(f"invalid configuration: {name}: not valid JSON{cause}")
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings; raise ConfigError naming the setting when one is malformed."""
     global _toml_path
@@ -477,9 +553,12 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"RINGRELAY_CONFIG / --config: no such file: {path}")
+        _check_toml(path)
     _toml_path = path
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        raise _settings_error(exc) from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

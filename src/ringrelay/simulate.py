@@ -122,3 +122,58 @@ def participant_added_event(
         f"call/{data['serverCallId']}/participant/{participant}",
         data,
     )
+
+
+# What each status means, in the words `ringrelay simulate` prints (README, "Event and delivery
+# statuses", says the same).
+EVENT_MEANING: dict[str, str] = {
+    "delivered": "every device accepted the push",
+    "failed": "settled, but not every device accepted the push; a retry would not change that",
+    "pending": "a transient failure remains; answered 503 so that Event Grid retries",
+    "expired": "the ring window ended before any push could go out",
+    "rejected": "the event is malformed and was not pushed",
+    "no_devices": "nobody to push to (a ring: no live VoIP registration; a stop: no device rang)",
+    "ignored": "an event type ringrelay does not handle (acknowledged)",
+    "cancelled": "the call had already stopped ringing (answered or ended): nothing pushed",
+}
+DELIVERY_MEANING: dict[str, str] = {
+    "accepted": "the provider took the push",
+    "rejected": "the provider refused it for good (e.g. a dead token)",
+    "config_error": "our credentials, topic or endpoint are wrong; fix the configuration",
+    "transient": "failed for now (timeout, 5xx, 429); Event Grid's retry pushes it again",
+    "expired": "the ring window ended before it could be pushed",
+    "in_flight": "being pushed by another delivery of the same event",
+    "cancelled": "not pushed: the call stopped ringing (or this device answered it)",
+}
+
+
+def summarize(report: dict[str, Any]) -> list[str]:
+    """The lines `ringrelay simulate` prints for one event of the webhook's answer: what
+    happened overall, counted per device, then each device."""
+    status = str(report.get("status", "?"))
+    deliveries: list[dict[str, Any]] = list(report.get("deliveries", []))
+    counts: dict[str, int] = {}
+    for d in deliveries:
+        counts[str(d["status"])] = counts.get(str(d["status"]), 0) + 1
+    accepted = counts.pop("accepted", 0)
+    if deliveries:
+        result = f"{accepted} of {len(deliveries)} device(s) accepted the push"
+        result += "".join(f", {n} {s}" for s, n in sorted(counts.items()))
+    else:
+        result = EVENT_MEANING.get(status, status)
+    reason = f"; {report['reason']}" if report.get("reason") else ""
+    lines = [
+        f"  result: {result}{reason}",
+        f"  event status: {status} ({EVENT_MEANING.get(status, 'see README')})",
+        f"  devices found: {len(deliveries)}, pushes accepted: {accepted}",
+    ]
+    for d in deliveries:
+        line = (
+            f"    - {d['device_id']} [{d['platform']}] {d['status']}"
+            f" via {d.get('provider') or '-'} after {d.get('attempts', 0)} attempt(s): "
+            f"{DELIVERY_MEANING.get(str(d['status']), str(d['status']))}"
+        )
+        if d.get("reason"):
+            line += f" ({d['reason']})"
+        lines.append(line)
+    return lines

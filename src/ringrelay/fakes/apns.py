@@ -408,8 +408,11 @@ def answer_request(
         conn._send(stream_id, status, answer, extra, flush=False)
 
 
-async def run_forever(host: str, port: int, tls_dir: str, bundle_id: str, team_id: str) -> None:
-    """`ringrelay fake apns`: a fake APNs with a fresh signing key, and the config that uses it."""
+async def start_for_cli(
+    host: str, port: int, tls_dir: str, bundle_id: str, team_id: str
+) -> tuple[FakeAPNs, str, str]:
+    """A fake APNs with a fresh signing key: (the fake, the TOML config that uses it, what to
+    print). Shared by `ringrelay fake apns` and `ringrelay fake all`."""
     key_id = "FAKEKEY001"
     folder = Path(tls_dir)
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
@@ -423,12 +426,20 @@ async def run_forever(host: str, port: int, tls_dir: str, bundle_id: str, team_i
         f'key_file = "{key_file}"\nenvironment = "sandbox"\nendpoint = "{url}"\n'
         f'ca_file = "{ca_file}"\n'
     )
-    (folder / "apns.toml").write_text(config)
-    print(
+    info = (
         f"fake APNs (HTTP/2 over TLS) on {url}, topic {bundle_id}.voip\n"
-        f"add this to ringrelay's TOML config (also written to {folder / 'apns.toml'}):\n\n"
-        f"{config}\n"
-        f"received pushes: curl --http2 --cacert {ca_file} {url}/_fake/pushes",
+        f"  received pushes: curl --http2 --cacert {ca_file} {url}/_fake/pushes"
+    )
+    return fake, config, info
+
+
+async def run_forever(host: str, port: int, tls_dir: str, bundle_id: str, team_id: str) -> None:
+    """`ringrelay fake apns`: a fake APNs with a fresh signing key, and the config that uses it."""
+    _, config, info = await start_for_cli(host, port, tls_dir, bundle_id, team_id)
+    written = Path(tls_dir) / "apns.toml"
+    written.write_text(config)
+    print(
+        f"{info}\nadd this to ringrelay's TOML config (also written to {written}):\n\n{config}",
         flush=True,
     )
     await asyncio.Event().wait()

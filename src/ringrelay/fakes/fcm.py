@@ -486,9 +486,11 @@ class _ByAlpn(asyncio.Protocol):
             self._inner.resume_writing()
 
 
-async def run_forever(host: str, port: int, tls_dir: str, project_id: str) -> None:
-    """`ringrelay fake fcm`: a fake FCM + token endpoint, a service account it trusts, and the
-    config that uses them."""
+async def start_for_cli(
+    host: str, port: int, tls_dir: str, project_id: str
+) -> tuple[FakeFCM, str, str]:
+    """A fake FCM + token endpoint and a service account it trusts: (the fake, the TOML config
+    that uses them, what to print). Shared by `ringrelay fake fcm` and `ringrelay fake all`."""
     folder = Path(tls_dir)
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
     fake = FakeFCM(capacity=1000)
@@ -500,12 +502,21 @@ async def run_forever(host: str, port: int, tls_dir: str, project_id: str) -> No
     config = (
         f'[[fcm]]\nservice_account_file = "{account}"\nendpoint = "{url}"\nca_file = "{ca_file}"\n'
     )
-    (folder / "fcm.toml").write_text(config)
-    print(
+    info = (
         f"fake FCM HTTP v1 on {url} (project {project_id}, OAuth at {fake.token_uri})\n"
-        f"add this to ringrelay's TOML config (also written to {folder / 'fcm.toml'}):\n\n"
-        f"{config}\n"
-        f"received pushes: curl --cacert {ca_file} {url}/_fake/pushes",
+        f"  received pushes: curl --cacert {ca_file} {url}/_fake/pushes"
+    )
+    return fake, config, info
+
+
+async def run_forever(host: str, port: int, tls_dir: str, project_id: str) -> None:
+    """`ringrelay fake fcm`: a fake FCM + token endpoint, a service account it trusts, and the
+    config that uses them."""
+    _, config, info = await start_for_cli(host, port, tls_dir, project_id)
+    written = Path(tls_dir) / "fcm.toml"
+    written.write_text(config)
+    print(
+        f"{info}\nadd this to ringrelay's TOML config (also written to {written}):\n\n{config}",
         flush=True,
     )
     await asyncio.Event().wait()

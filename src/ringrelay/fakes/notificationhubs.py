@@ -302,17 +302,34 @@ def _call_id(body: bytes) -> str:
         return ""
 
 
-async def run_forever(host: str, port: int, tls_dir: str, hub: str, key: str) -> None:
+async def start_for_cli(
+    host: str, port: int, tls_dir: str, hub: str, key: str
+) -> tuple[FakeNotificationHubs, str, str]:
+    """A fake hub: (the fake, the TOML config that uses it, what to print). Shared by
+    `ringrelay fake notificationhubs` and `ringrelay fake all`."""
     fake = FakeNotificationHubs(hub=hub, key=key, capacity=1000)
     url = await fake.start(host, port, tls_dir)
-    certs = make_test_certificates(tls_dir)
-    print(
+    ca_file = make_test_certificates(tls_dir).ca_file.resolve()
+    config = (
+        f'nh_connection_string = "{fake.connection_string()}"\nnh_hub_name = "{hub}"\n'
+        f'nh_ca_file = "{ca_file}"\n'
+    )
+    info = (
         f"fake Notification Hubs on {url} (hub {hub!r})\n"
+        f"  received pushes: curl --cacert {ca_file} {url}/_fake/pushes"
+    )
+    return fake, config, info
+
+
+async def run_forever(host: str, port: int, tls_dir: str, hub: str, key: str) -> None:
+    fake, _, info = await start_for_cli(host, port, tls_dir, hub, key)
+    ca_file = make_test_certificates(tls_dir).ca_file.resolve()
+    print(
+        f"{info}\n"
         f"point ringrelay at it with:\n"
         f"  export RINGRELAY_NH_CONNECTION_STRING='{fake.connection_string()}'\n"
         f"  export RINGRELAY_NH_HUB_NAME={hub}\n"
-        f"  export RINGRELAY_NH_CA_FILE={certs.ca_file.resolve()}\n"
-        f"received pushes: GET {url}/_fake/pushes",
+        f"  export RINGRELAY_NH_CA_FILE={ca_file}\n",
         flush=True,
     )
     await asyncio.Event().wait()
