@@ -35,10 +35,10 @@ class _RedactSecretQuery(logging.Filter):
         return True
 
 
-def _settings(args: argparse.Namespace) -> Settings | None:
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings | None:
     """The settings, or None after saying on stderr which one is wrong."""
     try:
-        return load_settings(getattr(args, "config", None))
+        return load_settings(getattr(args, "config", None), **overrides)
     except ConfigError as exc:
         print(f"ringrelay: {exc}", file=sys.stderr)
         return None
@@ -125,9 +125,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ringrelay.app import create_app
+    from ringrelay.httpserver import ensure_file_limit, uvicorn_config
 
-    settings = _settings(args)
+    overrides = {"max_connections": args.max_connections} if args.max_connections else {}
+    settings = _settings(args, **overrides)
     if settings is None:
+        return 2
+    problem = ensure_file_limit(settings)
+    if problem is not None:
+        print(f"ringrelay: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -161,13 +167,14 @@ def _serve(args: argparse.Namespace) -> int:
         + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
         flush=True,
     )
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
-        lifespan="on",
+        backlog=args.backlog,
         timeout_graceful_shutdown=int(settings.webhook_deadline_seconds) + 2,
     )
     server = uvicorn.Server(config)
@@ -266,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open client connections per instance (default: RINGRELAY_MAX_CONNECTIONS, 2048)",
+    )
+    serve.add_argument(
+        "--backlog",
+        type=int,
+        default=2048,
+        help="connections the kernel queues before they are accepted (default 2048)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
