@@ -53,13 +53,18 @@ def parse_time(value: object) -> float | None:
     return parsed.timestamp()
 
 
-def _invalid(index: int, raw: object, reason: str) -> Event:
+def _invalid(index: int, raw: object, reason: str, body: bytes) -> Event:
     given = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(given, str) and given:
+    if isinstance(given, str) and given and len(given) <= 512:
         event_id = given
     else:
-        digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-        event_id = f"invalid-{digest}"
+        # The same malformed event gets the same id on redelivery. orjson writes at most 254
+        # levels but reads 1,024: a deeper event is named by the delivery and its place in it.
+        try:
+            canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+            canonical = b"%d:%s" % (index, hashlib.sha256(body).digest())
+        event_id = f"invalid-{hashlib.sha256(canonical).hexdigest()[:16]}"
     etype = ""
     if isinstance(raw, dict):
         t = raw.get("eventType", raw.get("type"))
@@ -67,25 +72,25 @@ def _invalid(index: int, raw: object, reason: str) -> Event:
     return Event(event_id, etype, None, None, "unknown", error=f"event[{index}]: {reason}")
 
 
-def _normalize(index: int, raw: object) -> Event:
+def _normalize(index: int, raw: object, body: bytes) -> Event:
     if not isinstance(raw, dict):
-        return _invalid(index, raw, "not a JSON object")
+        return _invalid(index, raw, "not a JSON object", body)
     cloud = "specversion" in raw or "specVersion" in raw
     type_key, time_key = ("type", "time") if cloud else ("eventType", "eventTime")
     event_id = raw.get("id")
     if not isinstance(event_id, str) or not event_id or len(event_id) > 512:
-        return _invalid(index, raw, "id: missing, empty or longer than 512 characters")
+        return _invalid(index, raw, "id: missing, empty or longer than 512 characters", body)
     etype = raw.get(type_key)
     if not isinstance(etype, str) or not etype:
-        return _invalid(index, raw, f"{type_key}: missing or empty")
+        return _invalid(index, raw, f"{type_key}: missing or empty", body)
     when: float | None = None
     if raw.get(time_key) is not None:
         try:
             when = parse_time(raw.get(time_key))
         except ValueError as exc:
-            return _invalid(index, raw, f"{time_key}: not an ISO 8601 time ({exc})")
+            return _invalid(index, raw, f"{time_key}: not an ISO 8601 time ({exc})", body)
     elif not cloud:
-        return _invalid(index, raw, f"{time_key}: missing")
+        return _invalid(index, raw, f"{time_key}: missing", body)
     data = raw.get("data")
     if cloud and data is None and isinstance(raw.get("data_base64"), str):
         try:
@@ -93,12 +98,13 @@ def _normalize(index: int, raw: object) -> Event:
 
             data = orjson.loads(base64.b64decode(raw["data_base64"]))
         except (ValueError, orjson.JSONDecodeError):
-            return _invalid(index, raw, "data_base64: not base64-encoded JSON")
+            return _invalid(index, raw, "data_base64: not base64-encoded JSON", body)
     return Event(event_id, etype, when, data, "cloudevents" if cloud else "eventgrid")
 
 
-def parse_delivery(body: bytes, content_type: str) -> list[Event]:
-    """Split a delivery into events; malformed events come back with `error` set."""
+def parse_delivery(body: bytes, content_type: str, max_events: int = 5000) -> list[Event]:
+    """Split a delivery into events; malformed events come back with `error` set. More than
+    `max_events` is refused (413) before any event is looked at."""
     if not body.strip():
         raise IngestError(400, "empty body: expected a JSON array of events")
     try:
@@ -116,14 +122,19 @@ def parse_delivery(body: bytes, content_type: str) -> list[Event]:
             )
     if not isinstance(doc, list):
         raise IngestError(400, f"expected a JSON array of events, got {type(doc).__name__}")
-    return [_normalize(i, raw) for i, raw in enumerate(doc)]
+    if len(doc) > max_events:
+        raise IngestError(
+            413,
+            f"{len(doc)} events in one delivery; at most {max_events} are taken "
+            "(RINGRELAY_MAX_EVENTS_PER_DELIVERY; Event Grid sends at most 5,000 per batch)",
+        )
+    return [_normalize(i, raw, body) for i, raw in enumerate(doc)]
 
 
-def validation_code(events: list[Event]) -> str | None:
-    """The code to echo for Event Grid's subscription validation handshake, if this is one."""
-    for ev in events:
-        if ev.type == VALIDATION_EVENT and isinstance(ev.data, dict):
-            code = ev.data.get("validationCode")
-            if isinstance(code, str):
-                return code
+def validation_code(event: Event) -> str | None:
+    """The code to echo if this event is Event Grid's subscription validation handshake."""
+    if event.type == VALIDATION_EVENT and not event.error and isinstance(event.data, dict):
+        code = event.data.get("validationCode")
+        if isinstance(code, str):
+            return code
     return None
