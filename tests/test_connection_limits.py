@@ -116,7 +116,11 @@ def limited_server(tmp_path) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:  # a server that lost its way cannot stop either
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 async def test_many_slow_connections_leave_room_for_a_delivery(limited_server) -> None:
@@ -222,8 +226,14 @@ ABORTED = 20
 
 
 async def test_an_aborted_request_logs_one_info_line(http, sandbox_server, server_log) -> None:
-    for _ in range(ABORTED):
-        _, writer = await open_raw(sandbox_server.port, unfinished_post("/api/events"))
+    registry = f"/v1/identities/{acs_id('gone')}/devices/phone"
+    for i in range(ABORTED):
+        request = (
+            unfinished_post("/api/events")
+            if i % 2
+            else unfinished_post(registry, sent=b'{"platform": "a', method="PUT")
+        )
+        _, writer = await open_raw(sandbox_server.port, request)
         await asyncio.sleep(0.01)  # the server has the headers and waits for the body
         writer.transport.abort()
 
@@ -236,14 +246,16 @@ async def test_an_aborted_request_logs_one_info_line(http, sandbox_server, serve
             out += text.splitlines()
         return out
 
+    webhook_aborts = ABORTED // 2
     for _ in range(100):  # until the server has seen every disconnect, or something worse
-        if len(server_log.records) >= ABORTED:
+        if len(server_log.records) >= webhook_aborts:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)
     levels = {logging.getLevelName(r.levelno) for r in server_log.records}
     assert levels == {"INFO"}, lines()
-    assert len(lines()) == ABORTED, lines()
+    # One line per aborted webhook request; FastAPI's routes answer an aborted body 400 silently.
+    assert len(lines()) == webhook_aborts, lines()
     assert all("disconnected" in line for line in lines()), lines()
     async with http.get(f"{sandbox_server.url}/healthz") as resp:
         assert resp.status == 200

@@ -202,7 +202,9 @@ def install(app: FastAPI) -> None:
             "Answers the Event Grid validation handshake. With `RINGRELAY_WEBHOOK_SECRET` set, "
             "the query parameter `code` must carry it (else 401). 200 when every push is "
             "settled, 503 while a transient failure remains (Event Grid retries), 400 for a body "
-            "that is not an event array, 413 over the size limit."
+            "that is not an event array, 408 for a body not received within "
+            "`RINGRELAY_BODY_TIMEOUT_SECONDS`, 413 over the size limit or over "
+            "`RINGRELAY_MAX_EVENTS_PER_DELIVERY` events."
         ),
         response_class=_JSON,
     )
