@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,9 +54,24 @@ def parse_time(value: object) -> float | None:
     return parsed.timestamp()
 
 
+# Ids and types are stored as text, and PostgreSQL's cannot hold U+0000 (the event's record would
+# fail, and so every retry of it); no Event Grid id or type has a control character.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_ID_CHARS = 512
+MAX_TYPE_CHARS = 256
+
+
+def _text(value: object, limit: int) -> str | None:
+    """`value` if it is a usable id or type: a non-empty string, at most `limit` characters,
+    without control characters."""
+    if isinstance(value, str) and 0 < len(value) <= limit and not _CONTROL.search(value):
+        return value
+    return None
+
+
 def _invalid(index: int, raw: object, reason: str, body: bytes) -> Event:
-    given = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(given, str) and given and len(given) <= 512:
+    given = _text(raw.get("id"), MAX_ID_CHARS) if isinstance(raw, dict) else None
+    if given is not None:
         event_id = given
     else:
         # The same malformed event gets the same id on redelivery. orjson writes at most 254
@@ -67,8 +83,7 @@ def _invalid(index: int, raw: object, reason: str, body: bytes) -> Event:
         event_id = f"invalid-{hashlib.sha256(canonical).hexdigest()[:16]}"
     etype = ""
     if isinstance(raw, dict):
-        t = raw.get("eventType", raw.get("type"))
-        etype = t if isinstance(t, str) else ""
+        etype = _text(raw.get("eventType", raw.get("type")), MAX_TYPE_CHARS) or ""
     return Event(event_id, etype, None, None, "unknown", error=f"event[{index}]: {reason}")
 
 
@@ -77,12 +92,24 @@ def _normalize(index: int, raw: object, body: bytes) -> Event:
         return _invalid(index, raw, "not a JSON object", body)
     cloud = "specversion" in raw or "specVersion" in raw
     type_key, time_key = ("type", "time") if cloud else ("eventType", "eventTime")
-    event_id = raw.get("id")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > 512:
-        return _invalid(index, raw, "id: missing, empty or longer than 512 characters", body)
-    etype = raw.get(type_key)
-    if not isinstance(etype, str) or not etype:
-        return _invalid(index, raw, f"{type_key}: missing or empty", body)
+    event_id = _text(raw.get("id"), MAX_ID_CHARS)
+    if event_id is None:
+        return _invalid(
+            index,
+            raw,
+            f"id: missing, empty, longer than {MAX_ID_CHARS} characters or with a control "
+            "character",
+            body,
+        )
+    etype = _text(raw.get(type_key), MAX_TYPE_CHARS)
+    if etype is None:
+        return _invalid(
+            index,
+            raw,
+            f"{type_key}: missing, empty, longer than {MAX_TYPE_CHARS} characters or with a "
+            "control character",
+            body,
+        )
     when: float | None = None
     if raw.get(time_key) is not None:
         try:
