@@ -259,3 +259,71 @@ async def test_an_aborted_request_logs_one_info_line(http, sandbox_server, serve
     assert all("disconnected" in line for line in lines()), lines()
     async with http.get(f"{sandbox_server.url}/healthz") as resp:
         assert resp.status == 200
+
+
+def test_serve_fits_the_open_file_limit_to_max_connections(tmp_path) -> None:
+    def files(soft: int, hard: int) -> Any:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    # Too few files allowed at all: refused, naming the setting.
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--port", str(free_port()), "--max-connections", "5000"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=files(1000, 1000),
+    )
+    assert out.returncode == 2, out.stderr
+    assert "RINGRELAY_MAX_CONNECTIONS: 5000 connections need 5064 open files" in out.stderr
+    assert "ulimit -n" in out.stderr
+
+    # Allowed but not granted: the soft limit is raised to fit.
+    port = free_port()
+    proc = subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port), "--max-connections", "500"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        preexec_fn=files(200, 1000),
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
+        with open(f"/proc/{proc.pid}/limits") as limits:
+            line = next(x for x in limits if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["564", "1000"], line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+async def test_a_connection_past_the_limit_gets_503_when_all_are_busy(
+    http, make_server, nh_settings, fake_nh
+) -> None:
+    """Every connection holds a delivery being handled (the hub is slow): none is waiting for a
+    request, so none can be closed to make room, and the new one is told to retry."""
+    server: RunningServer = make_server(**nh_settings, max_connections=8)
+    callee = acs_id("busy")
+    await register(http, server, callee, "phone")
+    await http.close()  # its kept-alive connection would be the one closed to make room
+    fake_nh.respond(201, times=8, delay=3)
+    busy = []
+    for _ in range(8):
+        body = json.dumps([incoming_call_event(callee)]).encode()
+        head = (
+            "POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        busy.append(await open_raw(server.port, head + body))
+    await asyncio.sleep(0.5)  # the deliveries are at the hub
+
+    reader, writer = await open_raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await read_until_closed(reader)
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert b"too many open connections" in answer
+    for busy_reader, busy_writer in busy:  # the busy ones are answered as usual
+        assert (await busy_reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
+        busy_writer.close()
+    writer.close()

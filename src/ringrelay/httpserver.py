@@ -79,6 +79,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = False  # a request has begun, its headers are not complete
         self._body_pending = False  # its headers are complete, its body is not
+        self._refused = False  # over the limit with every connection busy: 503 when it speaks
 
     # --- connection -----------------------------------------------------------------------
 
@@ -112,14 +113,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         return False
 
     def _refuse(self) -> None:
+        """Answer 503 once the request's first bytes are read: closing a socket with unread
+        data resets it, and the client would lose the answer."""
         log.warning(
             "%d connections open, all busy (RINGRELAY_MAX_CONNECTIONS): a new one gets 503",
             len(self.connections),
         )
-        self.transport.write(
-            _answer(_OVERLOADED_503, b'{"error":"overloaded: too many open connections; retry"}')
-        )
-        self.transport.close()
+        self._refused = True
+        self._timer = self.loop.call_later(self.limits.header_timeout, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            if not self.transport.is_closing():
+                self.transport.write(
+                    _answer(
+                        _OVERLOADED_503, b'{"error":"overloaded: too many open connections; retry"}'
+                    )
+                )
+                self.transport.close()
+            return
+        super().data_received(data)
 
     # --- the request being received -------------------------------------------------------
 
