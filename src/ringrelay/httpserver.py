@@ -18,6 +18,7 @@ by closing the connection that has waited longest for its request to arrive.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import resource
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ BODY_TIMEOUT_GRACE_SECONDS = 1.0
 # File descriptors kept for everything but client connections: the listening socket, the event
 # loop, the store, log files, and outgoing provider connections (added from the settings).
 RESERVED_FILES = 64
+LOG_INTERVAL_SECONDS = 10.0
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -66,6 +68,36 @@ class ConnectionLimits:
         )
 
 
+class CloseTally:
+    """Connections closed or refused by the limits, logged as counts at most once per
+    LOG_INTERVAL_SECONDS: a flood of connections must not become a flood of log lines."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.next_log = 0.0
+        self.flush: asyncio.TimerHandle | None = None
+
+    def count(self, loop: asyncio.AbstractEventLoop, what: str) -> None:
+        self.counts[what] += 1
+        if loop.time() >= self.next_log:
+            self._log(loop)
+        elif self.flush is None:  # what is counted meanwhile is said when the interval ends
+            self.flush = loop.call_at(self.next_log, self._log, loop)
+
+    def _log(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.flush = None
+        if not self.counts:
+            return
+        refused = any(what.startswith("refused") for what in self.counts)
+        log.log(
+            logging.WARNING if refused else logging.INFO,
+            "connections %s (since the last such line)",
+            "; ".join(f"{what}: {n}" for what, n in self.counts.items()),
+        )
+        self.counts.clear()
+        self.next_log = loop.time() + LOG_INTERVAL_SECONDS
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the request's arrival timed and the connections
     counted. Use `bounded_protocol(limits)`: each server gets its own subclass, holding the
@@ -73,6 +105,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits]
     receiving: ClassVar[dict[BoundedHttpProtocol, None]]  # insertion order = waiting longest
+    closes: ClassVar[CloseTally]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,11 +136,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             del self.receiving[oldest]
             if oldest.transport.is_closing():
                 continue
-            log.info(
-                "%d connections open (RINGRELAY_MAX_CONNECTIONS): closing the one that waited "
-                "longest for its request",
-                len(self.connections),
-            )
+            self.closes.count(self.loop, "closed to make room (RINGRELAY_MAX_CONNECTIONS)")
             oldest._give_up(b'{"error":"connection closed: too many open connections"}')
             return True
         return False
@@ -115,9 +144,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _refuse(self) -> None:
         """Answer 503 once the request's first bytes are read: closing a socket with unread
         data resets it, and the client would lose the answer."""
-        log.warning(
-            "%d connections open, all busy (RINGRELAY_MAX_CONNECTIONS): a new one gets 503",
-            len(self.connections),
+        self.closes.count(
+            self.loop, "refused with 503, every connection busy (RINGRELAY_MAX_CONNECTIONS)"
         )
         self._refused = True
         self._timer = self.loop.call_later(self.limits.header_timeout, self.transport.close)
@@ -176,14 +204,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _timed_out(self) -> None:
         self._timer = None
         what = "body" if self._body_pending else "headers"
-        if self._in_headers or self._body_pending:
-            log.info(
-                "closing a connection whose request %s did not arrive in time (%s)",
-                what,
-                "RINGRELAY_BODY_TIMEOUT_SECONDS"
-                if self._body_pending
-                else "RINGRELAY_HEADER_TIMEOUT_SECONDS",
-            )
+        if self._body_pending:
+            self.closes.count(self.loop, "closed, body late (RINGRELAY_BODY_TIMEOUT_SECONDS)")
+        elif self._in_headers:
+            self.closes.count(self.loop, "closed, headers late (RINGRELAY_HEADER_TIMEOUT_SECONDS)")
         self.receiving.pop(self, None)
         self._give_up(b'{"error":"request %s not received in time"}' % what.encode())
 
@@ -212,6 +236,7 @@ def bounded_protocol(limits: ConnectionLimits) -> type[BoundedHttpProtocol]:
 
     ServerProtocol.limits = limits
     ServerProtocol.receiving = {}
+    ServerProtocol.closes = CloseTally()
     return ServerProtocol
 
 
