@@ -212,6 +212,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     api = sum(v for k, v in counted.items() if k != "parser")
     terminalreporter.write_line(
         f"fuzzing: {counted['parser']} parser/payload cases, {api} API cases over "
-        f"{len(counted) - 1} operations (bounded: {fuzz.PARSER_CASES} parser cases, "
+        f"{len(counted) - 1} operations (bounded: {fuzz.PARSER_CASES + fuzz.HOSTILE_CASES} "
+        "parser cases, "
         f"{fuzz.API_CASES_PER_OPERATION} per operation and mode)"
     )

@@ -24,6 +24,7 @@ from ringrelay.simulate import incoming_call_event
 from tests.conftest import RunningServer
 
 PARSER_CASES = 300
+HOSTILE_CASES = 100  # deep nesting, control characters (test_every_event_gets_a_storable_id...)
 API_CASES_PER_OPERATION = 25
 counted: Counter[str] = Counter()
 
@@ -116,7 +117,7 @@ def hostile_deliveries(draw: st.DrawFn) -> bytes:
     return b"[" + b",".join(events) + b"]"
 
 
-@settings(max_examples=PARSER_CASES // 3, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=HOSTILE_CASES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(hostile_deliveries())
 def test_every_event_gets_a_storable_id_and_type(body: bytes) -> None:
     counted["parser"] += 1
