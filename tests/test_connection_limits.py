@@ -72,6 +72,7 @@ async def test_unfinished_requests_get_408_and_are_closed(make_server) -> None:
     assert b"body" in answer
     answer = await read_until_closed(registry_body[0])
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"RINGRELAY_BODY_TIMEOUT_SECONDS" in answer  # the registrar's answer names it too
     answer = await read_until_closed(second[0])
     assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer, answer
     for _, writer in (idle, partial_headers, webhook_body, registry_body, second):

@@ -414,8 +414,8 @@ async def test_a_validation_event_beside_a_call_does_not_drop_the_call(
 
 
 async def test_ids_and_types_postgresql_cannot_store_are_rejected_not_retried(tmp_path) -> None:
-    """U+0000 in an event's id or type made its record fail on PostgreSQL: 503 for the whole
-    batch, on every retry. Now such an event is rejected with the field named."""
+    """U+0000 in an event's id, type, callee or call id made its record fail on PostgreSQL: 503
+    for the whole batch, on every retry. Now such an event is rejected with the field named."""
     from tests.test_postgres_instances import pg_instances
 
     async with pg_instances(tmp_path, 1) as (urls, _, _), aiohttp.ClientSession() as http:
@@ -427,13 +427,18 @@ async def test_ids_and_types_postgresql_cannot_store_are_rejected_not_retried(tm
         good = incoming_call_event(callee)
         bad_id = dict(incoming_call_event(callee), id="call\u0000")
         bad_type = {"id": "t", "eventType": "X\u0000", "eventTime": good["eventTime"]}
-        body = json.dumps([bad_id, bad_type, good]).encode()
+        bad_callee = incoming_call_event(callee + "\u0000")
+        bad_call_id = incoming_call_event(callee)
+        bad_call_id["data"]["correlationId"] += "\u0000"
+        body = json.dumps([bad_id, bad_type, bad_callee, bad_call_id, good]).encode()
         async with http.post(
             f"{url}/api/events", data=body, headers={"Content-Type": "application/json"}
         ) as resp:
             assert resp.status == 200, await resp.text()
             reports = (await resp.json())["events"]
-        assert [r["status"] for r in reports] == ["rejected", "rejected", "delivered"]
+        assert [r["status"] for r in reports] == ["rejected"] * 4 + ["delivered"]
         assert reports[0]["reason"].startswith("event[0]: id: ")
         assert reports[1]["reason"].startswith("event[1]: eventType: ")
+        assert reports[2]["reason"] == "data.to.rawId: contains a control character"
+        assert reports[3]["reason"] == "data.correlationId: contains a control character"
         assert "\u0000" not in reports[0]["id"] + reports[1]["type"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
@@ -153,19 +154,37 @@ async def _handle_each(relay: Relay, events: list[Event], received_at: float) ->
     retries), never its neighbours' loss."""
     deadline = received_at + relay.settings.webhook_deadline_seconds
     handle = relay.dispatcher.handle
+    failures: list[tuple[str, Exception]] = []
 
     async def one(event: Event) -> EventReport:
         try:
             return await handle(event, received_at, deadline)
-        except Exception:
+        except Exception as exc:
             # The store or something of ours failed: Event Grid must retry, so never 4xx here.
-            log.exception("event %s could not be handled; answering 503 for a retry", event.id)
+            failures.append((event.id, exc))
             return EventReport(
                 event.id, event.type, EventStatus.PENDING, "temporarily unable to handle; retry"
             )
 
-    if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery
-        return [await one(events[0])]
+    try:
+        if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery
+            return [await one(events[0])]
+        return await _work_through(events, one)
+    finally:
+        if failures:  # one traceback per delivery, not per event (a store outage is one cause)
+            first_id, first = failures[0]
+            log.error(
+                "%d of %d event(s) could not be handled, answering 503 for a retry; the first, %s:",
+                len(failures),
+                len(events),
+                first_id,
+                exc_info=first,
+            )
+
+
+async def _work_through(
+    events: list[Event], one: Callable[[Event], Awaitable[EventReport]]
+) -> list[EventReport]:
     reports: list[EventReport | None] = [None] * len(events)
     queue = iter(enumerate(events))
 
