@@ -79,6 +79,27 @@ async def test_unfinished_requests_get_408_and_are_closed(make_server) -> None:
         writer.close()
 
 
+async def test_endless_headers_get_431(http, make_server) -> None:
+    """Headers are held in memory until complete: past 64 KiB the connection is answered 431
+    and closed (long before the header timeout), while a 1 MiB body right behind small headers
+    is read as usual."""
+    sandbox_server: RunningServer = make_server(header_timeout_seconds=120)
+    reader, writer = await open_raw(sandbox_server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(40):
+        writer.write(b"X-Filler: " + b"a" * 4000 + b"\r\n")
+        try:
+            await writer.drain()
+        except ConnectionError:
+            break
+    answer = await read_until_closed(reader)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    writer.close()
+
+    big = json.dumps([{"id": "x", "data": "a" * (1024 * 1024 - 100)}]).encode()
+    async with http.post(f"{sandbox_server.url}/api/events", data=big) as resp:
+        assert resp.status == 200, await resp.text()
+
+
 # --- item 2: open connections per instance ---------------------------------------------------
 
 SLOW_CONNECTIONS = 400

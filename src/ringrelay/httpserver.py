@@ -11,8 +11,9 @@ What uvicorn 0.55 offers, read in its source, and why none of it is enough here:
 - `h11_max_incomplete_event_size` bounds the size of the headers (h11 only), not their time;
   httptools has no such option; `backlog` is the kernel's queue of connections not yet accepted.
 So the HTTP/1.1 protocol (uvicorn's httptools one) is subclassed: each connection has one timer
-for the request being received (headers, then body), and a connection over the limit makes room
-by closing the connection that has waited longest for its request to arrive.
+for the request being received (headers, then body), headers over MAX_HEADER_BYTES are refused
+(neither httptools nor uvicorn bound them), and a connection over the limit makes room by closing
+the connection that has waited longest for its request to arrive.
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ BODY_TIMEOUT_GRACE_SECONDS = 1.0
 # loop, the store, log files, and outgoing provider connections (added from the settings).
 RESERVED_FILES = 64
 LOG_INTERVAL_SECONDS = 10.0
+# A request's headers (URL included): Event Grid's, with an Entra token, are a few KiB.
+MAX_HEADER_BYTES = 64 * 1024
+# How long a connection answered 431 reads and drops what the client still sends, then closes.
+LINGER_SECONDS = 1.0
 
 _TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+_TOO_LARGE_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
 )
 _OVERLOADED_503 = (
@@ -105,6 +114,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits]
     receiving: ClassVar[dict[BoundedHttpProtocol, None]]  # insertion order = waiting longest
+    lingering: ClassVar[dict[BoundedHttpProtocol, None]]  # answered, about to close
     closes: ClassVar[CloseTally]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -113,6 +123,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_headers = False  # a request has begun, its headers are not complete
         self._body_pending = False  # its headers are complete, its body is not
         self._refused = False  # over the limit with every connection busy: 503 when it speaks
+        self._header_bytes = 0  # received in chunks that ended inside the headers
+        self._discarding = False  # answered and closing: what arrives is dropped
 
     # --- connection -----------------------------------------------------------------------
 
@@ -126,11 +138,17 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         self.receiving.pop(self, None)
+        self.lingering.pop(self, None)
         super().connection_lost(exc)
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for its request; False if every other
         connection is busy with a request already received."""
+        for closing in list(self.lingering):  # already answered: closed for good now
+            del self.lingering[closing]
+            if not closing.transport.is_closing():
+                closing.transport.close()
+                return True
         while self.receiving:
             oldest = next(iter(self.receiving))
             del self.receiving[oldest]
@@ -151,6 +169,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(self.limits.header_timeout, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._refused:
             if not self.transport.is_closing():
                 self.transport.write(
@@ -161,6 +181,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         super().data_received(data)
+        if self._in_headers and not self.transport.is_closing():
+            # The chunk ended inside the headers, so all of it was headers: httptools and
+            # uvicorn keep them in memory, with no limit of their own.
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self.closes.count(self.loop, f"closed, headers over {MAX_HEADER_BYTES} bytes")
+                self._linger(_answer(_TOO_LARGE_431, b'{"error":"request headers too large"}'))
+
+    def _linger(self, answer: bytes) -> None:
+        """Answer, then read and drop what the client is still sending for a moment before
+        closing: closing with unread data resets the connection, and the client would lose the
+        answer. A lingering connection is the first to go when room is needed."""
+        self._stop_timer()
+        self.receiving.pop(self, None)
+        self.lingering[self] = None
+        self._discarding = True
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     # --- the request being received -------------------------------------------------------
 
@@ -172,6 +212,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._header_bytes = 0
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -236,6 +277,7 @@ def bounded_protocol(limits: ConnectionLimits) -> type[BoundedHttpProtocol]:
 
     ServerProtocol.limits = limits
     ServerProtocol.receiving = {}
+    ServerProtocol.lingering = {}
     ServerProtocol.closes = CloseTally()
     return ServerProtocol
 
