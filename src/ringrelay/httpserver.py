@@ -197,6 +197,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.receiving.pop(self, None)
         self.lingering[self] = None
         self._discarding = True
+        cycle = self.cycle  # a pipelined request still being handled: its answer is not sent
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
         self.transport.write(answer)
         if self.transport.can_write_eof():
             self.transport.write_eof()
