@@ -20,6 +20,7 @@ from ringrelay.app import create_app
 from ringrelay.config import Settings, load_settings
 from ringrelay.fakes.notificationhubs import FakeNotificationHubs
 from ringrelay.fakes.tls import TestCertificates, make_test_certificates
+from ringrelay.httpserver import uvicorn_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
@@ -41,7 +42,8 @@ class RunningServer:
         self._sock = sock
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, lifespan="on", log_level="warning", access_log=False)
+        # The same server as `ringrelay serve`: the bounded protocol (httpserver.py).
+        config = uvicorn_config(self.app, settings, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
@@ -210,6 +212,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     api = sum(v for k, v in counted.items() if k != "parser")
     terminalreporter.write_line(
         f"fuzzing: {counted['parser']} parser/payload cases, {api} API cases over "
-        f"{len(counted) - 1} operations (bounded: {fuzz.PARSER_CASES} parser cases, "
+        f"{len(counted) - 1} operations (bounded: {fuzz.PARSER_CASES + fuzz.HOSTILE_CASES} "
+        "parser cases, "
         f"{fuzz.API_CASES_PER_OPERATION} per operation and mode)"
     )

@@ -24,6 +24,7 @@ from ringrelay.simulate import incoming_call_event
 from tests.conftest import RunningServer
 
 PARSER_CASES = 300
+HOSTILE_CASES = 100  # deep nesting, control characters (test_every_event_gets_a_storable_id...)
 API_CASES_PER_OPERATION = 25
 counted: Counter[str] = Counter()
 
@@ -87,6 +88,49 @@ def test_parser_and_payload_builder_never_crash(body: bytes, content_type: str) 
             assert str(exc).startswith("data")  # names the field
             continue
         assert push.call_id and push.recipient_id and push.cp
+
+
+@st.composite
+def hostile_deliveries(draw: st.DrawFn) -> bytes:
+    """Events nested up to the 1,024 levels orjson reads (it writes only 254), and ids and types
+    with control characters (PostgreSQL's text cannot hold U+0000)."""
+    events: list[bytes] = []
+    for _ in range(draw(st.integers(1, 4))):
+        depth = draw(st.integers(1, 1000))
+        opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
+        nested = opener * depth + b"null" + closer * depth
+        event = incoming_call_event("8:acs:r_u")
+        event["id"] = draw(st.one_of(st.none(), st.text(max_size=8), st.just("x\u0000")))
+        event["eventType"] = draw(
+            st.sampled_from([event["eventType"], "X\u0000", "\u001f", "x" * 300])
+        )
+        where = draw(st.sampled_from(["event", "data", "field"]))
+        if where == "event":
+            events.append(nested)
+            continue
+        text = json.dumps(event)
+        if where == "data":
+            text = text.replace('"data": {', '"data": {"deep": ' + nested.decode() + ", ", 1)
+        else:
+            text = text[:-1] + ', "deep": ' + nested.decode() + "}"
+        events.append(text.encode())
+    return b"[" + b",".join(events) + b"]"
+
+
+@settings(max_examples=HOSTILE_CASES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(hostile_deliveries())
+def test_every_event_gets_a_storable_id_and_type(body: bytes) -> None:
+    counted["parser"] += 1
+    try:
+        events = parse_delivery(body, "application/json")
+    except IngestError as exc:
+        assert exc.status == 400 and "depth" in exc.reason  # past orjson's 1,024 levels
+        return
+    for event in events:
+        for text, limit in ((event.id, 512), (event.type, 256)):
+            assert len(text) <= limit
+            assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text), event
+        assert event.id
 
 
 # --- the HTTP API from its OpenAPI schema -------------------------------------------------------

@@ -346,3 +346,107 @@ async def test_redelivery_after_the_ring_keeps_the_earlier_outcome(http, make_se
     assert body["events"][0]["status"] == "delivered"
     assert [d["status"] for d in body["events"][0]["deliveries"]] == ["accepted"]
     assert len(await sandbox_pushes(http, server)) == 1
+
+
+# --- limits on a delivery's events (issue 17 items 4, 5) -------------------------------------
+
+
+async def test_more_events_than_event_grid_sends_is_413_and_nothing_recorded(
+    http, sandbox_server
+) -> None:
+    before = await metric_value(http, sandbox_server, "ringrelay_events_total")
+    # The report's body: 349,524 empty objects in 1 MiB.
+    body = b"[" + b",".join([b"{}"] * 349_524) + b"]"
+    async with http.post(f"{sandbox_server.url}/api/events", data=body) as resp:
+        assert resp.status == 413
+        reason = (await resp.json())["error"]
+    assert "349524 events" in reason and "at most 5000" in reason
+    assert "RINGRELAY_MAX_EVENTS_PER_DELIVERY" in reason
+    status, body_json = await post_events(http, sandbox_server, [{}] * 5001)
+    assert status == 413, body_json
+    assert await metric_value(http, sandbox_server, "ringrelay_events_total") == before
+
+
+async def test_the_largest_batch_is_handled_event_by_event(http, sandbox_server) -> None:
+    callee = acs_id("batch")
+    await register(http, sandbox_server, callee, "phone")
+    calls = [incoming_call_event(callee) for _ in range(3)]
+    batch: list[Any] = [{}] * 4997 + calls
+    status, body = await post_events(http, sandbox_server, batch)
+    assert status == 200
+    reports = body["events"]
+    assert len(reports) == 5000
+    assert [r["status"] for r in reports[-3:]] == ["delivered"] * 3
+    assert {r["status"] for r in reports[:-3]} == {"rejected"}
+    assert len(await sandbox_pushes(http, sandbox_server)) == 3
+
+
+async def test_a_deeply_nested_event_does_not_sink_its_neighbour(http, sandbox_server) -> None:
+    callee = acs_id("nested")
+    await register(http, sandbox_server, callee, "phone")
+    good = incoming_call_event(callee)
+    depth = 1000  # orjson reads 1,024 levels but writes only 254
+    nested = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+    body = b"[" + nested + b"," + json.dumps(good).encode() + b"]"
+    ids = set()
+    for _ in range(2):  # a redelivery names the malformed event the same way
+        async with http.post(
+            f"{sandbox_server.url}/api/events",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            first, second = (await resp.json())["events"]
+        assert first["status"] == "rejected" and "id" in first["reason"]
+        assert second["status"] == "delivered"
+        ids.add(first["id"])
+    assert len(ids) == 1 and ids.pop().startswith("invalid-")
+    async with http.get(f"{sandbox_server.url}/v1/calls/{good['data']['correlationId']}") as r:
+        assert r.status == 200
+    assert len(await sandbox_pushes(http, sandbox_server)) == 1
+
+
+async def test_a_validation_event_beside_a_call_does_not_drop_the_call(
+    http, sandbox_server
+) -> None:
+    callee = acs_id("mixed")
+    await register(http, sandbox_server, callee, "phone")
+    call = incoming_call_event(callee)
+    status, body = await post_events(http, sandbox_server, [*VALIDATION, call])
+    assert status == 200, body
+    assert body["validationResponse"] == VALIDATION[0]["data"]["validationCode"]
+    validation, report = body["events"]
+    assert validation["status"] == "ignored"
+    assert report["status"] == "delivered"
+    assert [p["event_id"] for p in await sandbox_pushes(http, sandbox_server)] == [call["id"]]
+
+
+async def test_ids_and_types_postgresql_cannot_store_are_rejected_not_retried(tmp_path) -> None:
+    """U+0000 in an event's id, type, callee or call id made its record fail on PostgreSQL: 503
+    for the whole batch, on every retry. Now such an event is rejected with the field named."""
+    from tests.test_postgres_instances import pg_instances
+
+    async with pg_instances(tmp_path, 1) as (urls, _, _), aiohttp.ClientSession() as http:
+        url = urls[0]
+        callee = acs_id("nul")
+        token = {"platform": "apns", "token": "ab" * 32}
+        async with http.put(f"{url}/v1/identities/{callee}/devices/p", json=token) as resp:
+            assert resp.status == 201
+        good = incoming_call_event(callee)
+        bad_id = dict(incoming_call_event(callee), id="call\u0000")
+        bad_type = {"id": "t", "eventType": "X\u0000", "eventTime": good["eventTime"]}
+        bad_callee = incoming_call_event(callee + "\u0000")
+        bad_call_id = incoming_call_event(callee)
+        bad_call_id["data"]["correlationId"] += "\u0000"
+        body = json.dumps([bad_id, bad_type, bad_callee, bad_call_id, good]).encode()
+        async with http.post(
+            f"{url}/api/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            reports = (await resp.json())["events"]
+        assert [r["status"] for r in reports] == ["rejected"] * 4 + ["delivered"]
+        assert reports[0]["reason"].startswith("event[0]: id: ")
+        assert reports[1]["reason"].startswith("event[1]: eventType: ")
+        assert reports[2]["reason"] == "data.to.rawId: contains a control character"
+        assert reports[3]["reason"] == "data.correlationId: contains a control character"
+        assert "\u0000" not in reports[0]["id"] + reports[1]["type"]

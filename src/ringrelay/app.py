@@ -84,7 +84,11 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.relay = relay
-    app.add_middleware(ResponseGuard, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        ResponseGuard,
+        max_request_bytes=settings.max_request_bytes,
+        body_timeout=settings.body_timeout_seconds,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -50,10 +50,10 @@ class _RedactSecretQuery(logging.Filter):
         return True
 
 
-def _settings(args: argparse.Namespace) -> Settings | None:
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings | None:
     """The settings, or None after saying on stderr which one is wrong."""
     try:
-        return load_settings(getattr(args, "config", None))
+        return load_settings(getattr(args, "config", None), **overrides)
     except ConfigError as exc:
         print(f"ringrelay: {exc}", file=sys.stderr)
         return None
@@ -235,9 +235,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ringrelay.app import create_app
+    from ringrelay.httpserver import ensure_file_limit, uvicorn_config
 
-    settings = _settings(args)
+    overrides = {"max_connections": args.max_connections} if args.max_connections else {}
+    settings = _settings(args, **overrides)
     if settings is None:
+        return 2
+    problem = ensure_file_limit(settings)
+    if problem is not None:
+        print(f"ringrelay: {problem}", file=sys.stderr)
         return 2
     from ringrelay.logs import configure
 
@@ -284,12 +290,14 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("ringrelay").info(banner.replace("\n", ";").replace("  ", " "))
     else:
         print(banner, flush=True)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        backlog=args.backlog,
         # Our handler (text or JSON) formats uvicorn's lines too, the access log's included.
         log_config=None,
         lifespan="on",
@@ -622,6 +630,17 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="log every request (the webhook's ?code= is redacted)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open client connections per instance (default: RINGRELAY_MAX_CONNECTIONS, 2048)",
+    )
+    serve.add_argument(
+        "--backlog",
+        type=int,
+        default=2048,
+        help="connections the kernel queues before they are accepted (default 2048)",
     )
     serve.add_argument(
         "--insecure",

@@ -205,7 +205,20 @@ class Settings(BaseSettings):
     # Deliveries handled at once per instance; past it the webhook answers 503 at once (Event
     # Grid retries) instead of queueing work that would be answered too late for a ringing phone.
     webhook_max_concurrent: int = Field(default=512, ge=1, le=100_000)
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Event Grid delivers at most 5,000 events per batch ("Max events per batch ... must be
+    # between 1 and 5,000", and 1 by default: learn.microsoft.com azure/event-grid/
+    # delivery-and-retry, "Batched event delivery"). More is not Event Grid: 413 before any work.
+    max_events_per_delivery: int = Field(default=5000, ge=1, le=5000)
+    # Slow or idle clients (httpserver.py): a request's headers must arrive within this long of
+    # the connection opening (or of the previous answer on a kept-alive connection), its body
+    # within body_timeout_seconds of the headers; else 408 and the connection is closed.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # Open client connections per instance; past it the connection that has waited longest for
+    # its request is closed to make room (503 when every connection is busy with a request).
+    max_connections: int = Field(default=2048, ge=8, le=1_000_000)
+    # Bounded: the body is parsed on the event loop (1 MiB of `{}` takes ~50 ms to refuse).
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024)
     delivery: Literal["auto", "sandbox", "notificationhubs"] = "auto"
     sandbox_capacity: int = Field(default=1000, ge=1, le=100_000)
     purge_interval_seconds: float = Field(default=60.0, gt=0)

@@ -3,11 +3,13 @@ and the 422 shape that names the field."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("ringrelay")
@@ -50,9 +52,12 @@ class ResponseGuard:
     (no stack trace to the client). Pure ASGI: no per-request task or body copy. The
     interactive docs pages load scripts, so they do without the CSP."""
 
-    def __init__(self, app: ASGIApp, max_request_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self, app: ASGIApp, max_request_bytes: int = 64 * 1024, body_timeout: float = 10.0
+    ) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +87,14 @@ class ResponseGuard:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except ClientDisconnect:
+            # The client went away before its request had arrived: nothing to answer, nothing
+            # wrong on our side; one line, not a traceback per aborted request.
+            log.info(
+                "client disconnected before its %s %s request was received; not handled",
+                scope.get("method"),
+                scope.get("path"),
+            )
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
@@ -101,17 +114,33 @@ class ResponseGuard:
         return False
 
     def _limited(self, receive: Receive) -> Receive:
-        """Counts a streamed body; past the limit the route sees a 413 HTTPException."""
+        """Counts a streamed body and times it: past the limit the route sees a 413
+        HTTPException, past the body timeout (from the request's start) a 408."""
         limit = self.max_request_bytes
+        timeout = self.body_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         seen = 0
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body, receive waits for a disconnect: not timed
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status_code=408,
+                    detail=f"request body not received within {timeout:g} s "
+                    "(RINGRELAY_BODY_TIMEOUT_SECONDS)",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise HTTPException(status_code=413, detail="request body too large")
+                complete = not message.get("more_body", False)
             return message
 
         return limited_receive

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ringrelay.events.ingest import IngestError, parse_delivery, validation_code
+from ringrelay.delivery.dispatcher import EventReport
+from ringrelay.events.ingest import Event, IngestError, parse_delivery, validation_code
 from ringrelay.models import EventStatus
 from ringrelay.relay import Relay
 
@@ -45,8 +47,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _problem(status: int, reason: str) -> Response:
-    return _JSON({"error": reason}, status_code=status)
+def _problem(status: int, reason: str, *, close: bool = False) -> Response:
+    # close: the client may still be sending a body nobody will read
+    headers = {"Connection": "close"} if close else None
+    return _JSON({"error": reason}, status_code=status, headers=headers)
 
 
 async def events_endpoint(request: Request) -> Response:
@@ -73,7 +77,53 @@ async def events_endpoint(request: Request) -> Response:
             headers["WebHook-Allowed-Rate"] = request.headers.get("webhook-request-rate") or "*"
         return Response(status_code=200, headers=headers)
 
-    if relay.webhook_in_progress >= relay.settings.webhook_max_concurrent:
+    # The body first, under its own timeout, and only then a delivery slot: slow bodies must
+    # not hold the slots that deliveries need (a slot is for handling, not for waiting).
+    received_at = time.time()
+    settings = relay.settings
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            body = await read_body(request, settings.max_body_bytes)
+        events = parse_delivery(
+            body, request.headers.get("content-type", ""), settings.max_events_per_delivery
+        )
+    except TimeoutError:
+        relay.metrics.deliveries.labels("408").inc()
+        log.info("webhook body not received within RINGRELAY_BODY_TIMEOUT_SECONDS")
+        return _problem(
+            408,
+            f"request body not received within {settings.body_timeout_seconds:g} s "
+            "(RINGRELAY_BODY_TIMEOUT_SECONDS)",
+            close=True,
+        )
+    except IngestError as exc:
+        relay.metrics.deliveries.labels(str(exc.status)).inc()
+        return _problem(exc.status, exc.reason, close=exc.status == 413)
+
+    # Event Grid's validation handshake is a delivery of its own; should a validation event come
+    # with other events, they are handled all the same and the code is echoed beside them.
+    code: str | None = None
+    validations: dict[int, EventReport] = {}
+    for index, event in enumerate(events):
+        event_code = validation_code(event)
+        if event_code is not None:
+            code = code or event_code
+            validations[index] = EventReport(
+                event.id, event.type, EventStatus.IGNORED, "subscription validation answered"
+            )
+    if code is not None:
+        log.info("Event Grid subscription validation answered")
+        if len(validations) == len(events):
+            relay.metrics.deliveries.labels("200").inc()
+            return _JSON({"validationResponse": code})
+
+    # For call traces: Event Grid numbers its attempts (0 on the first delivery).
+    count = request.headers.get("aeg-delivery-count")
+    delivery_count = int(count) if count is not None and count.isdigit() else None
+    for ev in events:
+        relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count, ev.time)
+
+    if relay.webhook_in_progress >= settings.webhook_max_concurrent:
         relay.metrics.deliveries.labels("503").inc()
         relay.metrics.shed.inc()
         return _problem(
@@ -83,49 +133,74 @@ async def events_endpoint(request: Request) -> Response:
         )
     relay.webhook_in_progress += 1
     try:
-        return await _handle_delivery(request, relay)
+        others = [ev for i, ev in enumerate(events) if i not in validations]
+        handled = iter(await _handle_each(relay, others, received_at))
     finally:
         relay.webhook_in_progress -= 1
-
-
-async def _handle_delivery(request: Request, relay: Relay) -> Response:
-    received_at = time.time()
-    try:
-        body = await read_body(request, relay.settings.max_body_bytes)
-        events = parse_delivery(body, request.headers.get("content-type", ""))
-    except IngestError as exc:
-        relay.metrics.deliveries.labels(str(exc.status)).inc()
-        return _problem(exc.status, exc.reason)
-
-    code = validation_code(events)
-    if code is not None:
-        relay.metrics.deliveries.labels("200").inc()
-        log.info("Event Grid subscription validation answered")
-        return _JSON({"validationResponse": code})
-
-    deadline = received_at + relay.settings.webhook_deadline_seconds
-    # For call traces: Event Grid numbers its attempts (0 on the first delivery).
-    count = request.headers.get("aeg-delivery-count")
-    delivery_count = int(count) if count is not None and count.isdigit() else None
-    for ev in events:
-        relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count, ev.time)
-    try:
-        handle = relay.dispatcher.handle
-        if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery
-            reports = [await handle(events[0], received_at, deadline)]
-        else:
-            reports = await asyncio.gather(*(handle(ev, received_at, deadline) for ev in events))
-    except Exception:
-        # The store or something of ours failed: Event Grid must retry, so never 4xx here.
-        log.exception("delivery could not be handled; answering 503 for Event Grid to retry")
-        relay.metrics.deliveries.labels("503").inc()
-        return _problem(503, "temporarily unable to handle the delivery; retry")
+    reports = [validations.get(i) or next(handled) for i in range(len(events))]
 
     pending = any(r.status is EventStatus.PENDING for r in reports)
     status = 503 if pending else 200
     relay.metrics.deliveries.labels(str(status)).inc()
     retry = {"Retry-After": "1"} if pending else None
-    return _JSON({"events": [r.as_json() for r in reports]}, status_code=status, headers=retry)
+    answer: dict[str, object] = {"events": [r.as_json() for r in reports]}
+    if code is not None:
+        answer = {"validationResponse": code, **answer}
+    return _JSON(answer, status_code=status, headers=retry)
+
+
+# Events of one delivery handled at once. A batch is worked through by this many tasks, each
+# taking the next event, so a 5,000-event batch neither creates 5,000 tasks in one step of the
+# event loop nor keeps the loop from other requests between events.
+BATCH_CONCURRENCY = 64
+
+
+async def _handle_each(relay: Relay, events: list[Event], received_at: float) -> list[EventReport]:
+    """Each event on its own: a failure of ours on one is that event's 503 (pending, Event Grid
+    retries), never its neighbours' loss."""
+    deadline = received_at + relay.settings.webhook_deadline_seconds
+    handle = relay.dispatcher.handle
+    failures: list[tuple[str, Exception]] = []
+
+    async def one(event: Event) -> EventReport:
+        try:
+            return await handle(event, received_at, deadline)
+        except Exception as exc:
+            # The store or something of ours failed: Event Grid must retry, so never 4xx here.
+            failures.append((event.id, exc))
+            return EventReport(
+                event.id, event.type, EventStatus.PENDING, "temporarily unable to handle; retry"
+            )
+
+    try:
+        if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery
+            return [await one(events[0])]
+        return await _work_through(events, one)
+    finally:
+        if failures:  # one traceback per delivery, not per event (a store outage is one cause)
+            first_id, first = failures[0]
+            log.error(
+                "%d of %d event(s) could not be handled, answering 503 for a retry; the first, %s:",
+                len(failures),
+                len(events),
+                first_id,
+                exc_info=first,
+            )
+
+
+async def _work_through(
+    events: list[Event], one: Callable[[Event], Awaitable[EventReport]]
+) -> list[EventReport]:
+    reports: list[EventReport | None] = [None] * len(events)
+    queue = iter(enumerate(events))
+
+    async def worker() -> None:
+        for index, event in queue:
+            reports[index] = await one(event)
+            await asyncio.sleep(0)  # an event settled without I/O must still let others run
+
+    await asyncio.gather(*(worker() for _ in range(min(BATCH_CONCURRENCY, len(events)))))
+    return [r for r in reports if r is not None]
 
 
 async def asgi_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -152,7 +227,9 @@ def install(app: FastAPI) -> None:
             "Answers the Event Grid validation handshake. With `RINGRELAY_WEBHOOK_SECRET` set, "
             "the query parameter `code` must carry it (else 401). 200 when every push is "
             "settled, 503 while a transient failure remains (Event Grid retries), 400 for a body "
-            "that is not an event array, 413 over the size limit."
+            "that is not an event array, 408 for a body not received within "
+            "`RINGRELAY_BODY_TIMEOUT_SECONDS`, 413 over the size limit or over "
+            "`RINGRELAY_MAX_EVENTS_PER_DELIVERY` events."
         ),
         response_class=_JSON,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,39 +54,70 @@ def parse_time(value: object) -> float | None:
     return parsed.timestamp()
 
 
-def _invalid(index: int, raw: object, reason: str) -> Event:
-    given = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(given, str) and given:
+# Ids and types are stored as text, and PostgreSQL's cannot hold U+0000 (the event's record would
+# fail, and so every retry of it); no Event Grid id or type has a control character.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_ID_CHARS = 512
+MAX_TYPE_CHARS = 256
+
+
+def _text(value: object, limit: int) -> str | None:
+    """`value` if it is a usable id or type: a non-empty string, at most `limit` characters,
+    without control characters."""
+    if isinstance(value, str) and 0 < len(value) <= limit and not _CONTROL.search(value):
+        return value
+    return None
+
+
+def _invalid(index: int, raw: object, reason: str, body: bytes) -> Event:
+    given = _text(raw.get("id"), MAX_ID_CHARS) if isinstance(raw, dict) else None
+    if given is not None:
         event_id = given
     else:
-        digest = hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-        event_id = f"invalid-{digest}"
+        # The same malformed event gets the same id on redelivery. orjson writes at most 254
+        # levels but reads 1,024: a deeper event is named by the delivery and its place in it.
+        try:
+            canonical = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
+            canonical = b"%d:%s" % (index, hashlib.sha256(body).digest())
+        event_id = f"invalid-{hashlib.sha256(canonical).hexdigest()[:16]}"
     etype = ""
     if isinstance(raw, dict):
-        t = raw.get("eventType", raw.get("type"))
-        etype = t if isinstance(t, str) else ""
+        etype = _text(raw.get("eventType", raw.get("type")), MAX_TYPE_CHARS) or ""
     return Event(event_id, etype, None, None, "unknown", error=f"event[{index}]: {reason}")
 
 
-def _normalize(index: int, raw: object) -> Event:
+def _normalize(index: int, raw: object, body: bytes) -> Event:
     if not isinstance(raw, dict):
-        return _invalid(index, raw, "not a JSON object")
+        return _invalid(index, raw, "not a JSON object", body)
     cloud = "specversion" in raw or "specVersion" in raw
     type_key, time_key = ("type", "time") if cloud else ("eventType", "eventTime")
-    event_id = raw.get("id")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > 512:
-        return _invalid(index, raw, "id: missing, empty or longer than 512 characters")
-    etype = raw.get(type_key)
-    if not isinstance(etype, str) or not etype:
-        return _invalid(index, raw, f"{type_key}: missing or empty")
+    event_id = _text(raw.get("id"), MAX_ID_CHARS)
+    if event_id is None:
+        return _invalid(
+            index,
+            raw,
+            f"id: missing, empty, longer than {MAX_ID_CHARS} characters or with a control "
+            "character",
+            body,
+        )
+    etype = _text(raw.get(type_key), MAX_TYPE_CHARS)
+    if etype is None:
+        return _invalid(
+            index,
+            raw,
+            f"{type_key}: missing, empty, longer than {MAX_TYPE_CHARS} characters or with a "
+            "control character",
+            body,
+        )
     when: float | None = None
     if raw.get(time_key) is not None:
         try:
             when = parse_time(raw.get(time_key))
         except ValueError as exc:
-            return _invalid(index, raw, f"{time_key}: not an ISO 8601 time ({exc})")
+            return _invalid(index, raw, f"{time_key}: not an ISO 8601 time ({exc})", body)
     elif not cloud:
-        return _invalid(index, raw, f"{time_key}: missing")
+        return _invalid(index, raw, f"{time_key}: missing", body)
     data = raw.get("data")
     if cloud and data is None and isinstance(raw.get("data_base64"), str):
         try:
@@ -93,12 +125,13 @@ def _normalize(index: int, raw: object) -> Event:
 
             data = orjson.loads(base64.b64decode(raw["data_base64"]))
         except (ValueError, orjson.JSONDecodeError):
-            return _invalid(index, raw, "data_base64: not base64-encoded JSON")
+            return _invalid(index, raw, "data_base64: not base64-encoded JSON", body)
     return Event(event_id, etype, when, data, "cloudevents" if cloud else "eventgrid")
 
 
-def parse_delivery(body: bytes, content_type: str) -> list[Event]:
-    """Split a delivery into events; malformed events come back with `error` set."""
+def parse_delivery(body: bytes, content_type: str, max_events: int = 5000) -> list[Event]:
+    """Split a delivery into events; malformed events come back with `error` set. More than
+    `max_events` is refused (413) before any event is looked at."""
     if not body.strip():
         raise IngestError(400, "empty body: expected a JSON array of events")
     try:
@@ -116,14 +149,19 @@ def parse_delivery(body: bytes, content_type: str) -> list[Event]:
             )
     if not isinstance(doc, list):
         raise IngestError(400, f"expected a JSON array of events, got {type(doc).__name__}")
-    return [_normalize(i, raw) for i, raw in enumerate(doc)]
+    if len(doc) > max_events:
+        raise IngestError(
+            413,
+            f"{len(doc)} events in one delivery; at most {max_events} are taken "
+            "(RINGRELAY_MAX_EVENTS_PER_DELIVERY; Event Grid sends at most 5,000 per batch)",
+        )
+    return [_normalize(i, raw, body) for i, raw in enumerate(doc)]
 
 
-def validation_code(events: list[Event]) -> str | None:
-    """The code to echo for Event Grid's subscription validation handshake, if this is one."""
-    for ev in events:
-        if ev.type == VALIDATION_EVENT and isinstance(ev.data, dict):
-            code = ev.data.get("validationCode")
-            if isinstance(code, str):
-                return code
+def validation_code(event: Event) -> str | None:
+    """The code to echo if this event is Event Grid's subscription validation handshake."""
+    if event.type == VALIDATION_EVENT and not event.error and isinstance(event.data, dict):
+        code = event.data.get("validationCode")
+        if isinstance(code, str):
+            return code
     return None
