@@ -304,6 +304,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_routing(self) -> Settings:
         check_unique_names(self.rules)
+        if not self.call_automation_configured:
+            for i, rule in enumerate(self.rules):
+                if rule.action in ("redirect", "reject"):
+                    raise ValueError(
+                        f"rules[{i}] (name {rule.name!r}).action: {rule.action} needs Call "
+                        "Automation: set RINGRELAY_ACS_CONNECTION_STRING"
+                    )
         if self.acs_connection_string is not None:
             from ringrelay.routing.callautomation import parse_acs_connection_string
 

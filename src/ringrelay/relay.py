@@ -16,6 +16,7 @@ from ringrelay.metrics import Metrics
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
 from ringrelay.providers.sandbox import SandboxProvider
+from ringrelay.routing.calls import build_call_router
 from ringrelay.store import Store, open_store
 
 log = logging.getLogger("ringrelay")
@@ -126,8 +127,13 @@ def make_relay(settings: Settings) -> Relay:
     metrics = Metrics()
     store = open_store(settings.database_url)
     router, sandbox, description = build_router(settings)
+    call_router = build_call_router(settings, store)
     dispatcher = Dispatcher(
-        store, router, metrics, ring_window_seconds=settings.ring_window_seconds
+        store,
+        router,
+        metrics,
+        ring_window_seconds=settings.ring_window_seconds,
+        call_router=call_router,
     )
     return Relay(
         settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)

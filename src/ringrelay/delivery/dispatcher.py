@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringrelay.delivery.router import ProviderRouter
 from ringrelay.events.ingest import INCOMING_CALL, Event
@@ -30,6 +30,9 @@ from ringrelay.payloads import CallPush, PayloadError, call_push_from_incoming_c
 from ringrelay.providers import PushRequest, PushResult
 from ringrelay.redact import fingerprint
 from ringrelay.store import Claim, Store
+
+if TYPE_CHECKING:
+    from ringrelay.routing.calls import CallRouter
 
 log = logging.getLogger("ringrelay.delivery")
 
@@ -103,8 +106,11 @@ class Dispatcher:
         metrics: Metrics,
         *,
         ring_window_seconds: float,
+        call_router: CallRouter | None = None,
     ) -> None:
         self.store = store
+        # Call routing (rules, numbers, redirect/reject): consulted before any push.
+        self.call_router = call_router if call_router is not None and call_router.active else None
         self.router = router
         self.metrics = metrics
         self.ring_window = ring_window_seconds
@@ -180,6 +186,10 @@ class Dispatcher:
             recipient=call.recipient_id,
         )
         ring_ends_at = (event.time if event.time is not None else received_at) + self.ring_window
+        if self.call_router is not None:
+            routed = await self._route_call(event, call, ring_ends_at, deadline)
+            if routed is not None:
+                return routed
         now = time.time()
         record = EventRecord(
             event.id, event.type, EventStatus.PENDING, "", call.call_id, call.recipient_id, now
@@ -225,6 +235,39 @@ class Dispatcher:
         record.status = report.status
         record.reason = report.reason
         await self._settle(record, outcomes, deadline)
+        return report
+
+    async def _route_call(
+        self, event: Event, call: CallPush, ring_ends_at: float, deadline: float
+    ) -> EventReport | None:
+        """Routing's hook: a settled report (redirected, rejected, ignored, failed), or None to
+        push, possibly to another identity (a push rule's target)."""
+        assert self.call_router is not None
+        context = event.data.get("incomingCallContext", "") if isinstance(event.data, dict) else ""
+        routed = await self.call_router.route(
+            event.envelope,
+            event_id=event.id,
+            callee=call.recipient_id,
+            correlation_id=call.call_id,
+            context=str(context),
+            ring_ends_at=ring_ends_at,
+            deadline=deadline,
+        )
+        if routed.status is None:
+            if routed.note:
+                log.info("call %s: %s", call.call_id, routed.note)
+            if routed.push_to is not None:
+                call.recipient_id = routed.push_to
+            return None
+        report = EventReport(
+            event.id,
+            event.type,
+            routed.status,
+            routed.reason,
+            correlation_id=call.call_id,
+            recipient=call.recipient_id,
+        )
+        await self._record(report, time.time())
         return report
 
     async def _settle(
