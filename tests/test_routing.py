@@ -115,7 +115,11 @@ async def test_rules_in_order_first_match_wins_and_each_action(
         rule(
             "quiet",
             "ignore",
-            {"operatorType": "StringContains", "key": "data.callerDisplayName", "values": ["ROBOT"]},
+            {
+                "operatorType": "StringContains",
+                "key": "data.callerDisplayName",
+                "values": ["ROBOT"],
+            },
         ),
         rule("to-other", "push", FROM_PSTN, target=OTHER),
         rule("never-reached", "reject", FROM_PSTN),

@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server", default="http://127.0.0.1:8080")
     call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
     call.set_defaults(func=_simulate)
+    simulate_sub = sim_sub
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     fcm.add_argument("--tls-dir", default="./ringrelay-fake-tls", help="CA, account and config")
     fcm.add_argument("--project", default="example-calling")
     fcm.set_defaults(func=_fake)
+
+    from ringrelay.routing.commands import add_commands
+
+    add_commands(sub, simulate_sub, fake_sub)
     return parser
 
 

@@ -150,7 +150,8 @@ class FakeCallAutomation:
             if call.correlation_id == correlation_id:
                 call.state = "ended"
 
-    async def post_event(self, event: dict[str, Any]) -> int | None:
+    async def post_event(self, event: dict[str, Any]) -> tuple[int, Any] | None:
+        """Deliver `event` to the webhook as Event Grid would; (status, answer) or None."""
         if not self.webhook_url:
             return None
         import ssl
@@ -166,8 +167,11 @@ class FakeCallAutomation:
                     ssl=ctx if ctx is not None else True,
                 ) as resp,
             ):
-                await resp.read()
-                return resp.status
+                raw = await resp.read()
+                try:
+                    return resp.status, json.loads(raw)
+                except ValueError:
+                    return resp.status, raw.decode(errors="replace")
         except OSError as exc:
             log.warning("posting the follow-up IncomingCall failed: %s", exc)
             return None
@@ -356,7 +360,13 @@ class FakeCallAutomation:
         doc = await request.json()
         event = self.place_call(str(doc["to"]), str(doc["from"]), doc.get("displayName", "Caller"))
         posted = await self.post_event(event)
-        return web.json_response({"event": event, "webhook_status": posted})
+        return web.json_response(
+            {
+                "event": event,
+                "webhook_status": posted[0] if posted else None,
+                "webhook_answer": posted[1] if posted else None,
+            }
+        )
 
     async def _post_script(self, request: web.Request) -> web.Response:
         doc = await request.json()

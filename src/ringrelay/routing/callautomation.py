@@ -167,6 +167,12 @@ class CallAutomation:
 
     async def start(self) -> None:
         import aiohttp
+
+        # azure-core logs every request and answer with its headers at INFO: one redirect is
+        # not worth six log lines (Authorization is redacted there, the context is not logged).
+        logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(
+            logging.WARNING
+        )
         from azure.communication.callautomation.aio import CallAutomationClient
         from azure.core.pipeline.transport import AioHttpTransport
 
