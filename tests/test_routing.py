@@ -280,3 +280,39 @@ async def test_loop_guard_own_callee_and_redirect_limit(
     assert report["status"] == "delivered", answer
     assert [d["device_id"] for d in report["deliveries"]] == ["t1"]
     assert len(fake_ca.actions) == 1
+
+
+async def test_two_instances_on_postgresql_redirect_once(
+    make_server: Callable[..., RunningServer],
+    http: aiohttp.ClientSession,
+    fake_ca: FakeCallAutomation,
+    ca_settings: dict[str, Any],
+) -> None:
+    import uuid
+
+    from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
+
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    await _postgres_store(schema)
+    try:
+        url = f"{PG_URL}?search_path={schema}"
+        first = make_server(database_url=url, **ca_settings)
+        second = make_server(database_url=url, **ca_settings)
+        await assign(http, first, PSTN, USER)
+        fake_ca.respond(204, delay=0.3)  # a slow answer: both deliveries overlap it
+        call = fake_ca.place_call(f"4:{PSTN}", CALLER)
+        answers = await asyncio.gather(
+            post_events(http, first, [call]), post_events(http, second, [call])
+        )
+        statuses = sorted(the_event(a)["status"] for _, a in answers)
+        # One instance redirected; the other saw the claim in flight and answered 503 so that
+        # Event Grid retries; the retry finds the redirect done.
+        assert statuses == ["pending", "redirected"], answers
+        assert sorted(code for code, _ in answers) == [200, 503]
+        _, answer = await post_events(http, second, [call])
+        assert the_event(answer)["status"] == "redirected"
+        assert len([a for a in fake_ca.actions if a["kind"] == "redirect"]) == 1
+    finally:
+        for server in (first, second):
+            server.stop()
+        await _drop_schema(schema)

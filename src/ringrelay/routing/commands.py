@@ -274,10 +274,11 @@ def add_commands(sub: Any, simulate_sub: Any, fake_sub: Any) -> None:
     assign.add_argument("e164", help="+14255551212")
     assign.add_argument("target", help="8:acs:<resource>_<user>, 8:orgid:<id> or +E.164")
     assign.add_argument("--label", default="")
-    numbers_sub.add_parser("list", help="list assigned numbers")
+    listing = numbers_sub.add_parser("list", help="list assigned numbers")
     remove = numbers_sub.add_parser("remove", help="remove a number's assignment")
     remove.add_argument("e164")
-    numbers.add_argument("--config", help=CONFIG_HELP)
+    for p in (assign, listing, remove):
+        p.add_argument("--config", help=CONFIG_HELP)
     numbers.set_defaults(func=numbers_command)
 
     rules = sub.add_parser("rules", help="call routing rules")
