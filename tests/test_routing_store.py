@@ -87,10 +87,13 @@ async def test_redirects_per_call_are_limited(store: Store) -> None:  # noqa: F8
     ).claimed
 
 
-async def test_sqlite_upgrades_a_version_1_database(tmp_path: Any) -> None:
+async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
     db.executescript(
+        "CREATE TABLE events (event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, status TEXT "
+        "NOT NULL, reason TEXT NOT NULL DEFAULT '', correlation_id TEXT, recipient TEXT, "
+        "received_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID;"
         "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_hash TEXT "
         "NOT NULL, scopes TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);"
         "INSERT INTO api_keys VALUES ('k1', 'old', 'h', 'admin', 1.0, NULL);"
@@ -103,6 +106,6 @@ async def test_sqlite_upgrades_a_version_1_database(tmp_path: Any) -> None:
         assert [k.key_id for k in await s.list_api_keys()] == ["k1"]  # kept
         await s.put_number(NumberAssignment("+14255551212", USER, "", NOW, NOW))
         assert (await s.get_number("+14255551212")) is not None
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         await s.close()

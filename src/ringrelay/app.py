@@ -45,7 +45,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         await relay.store.open()
         for provider in relay.router.providers():
             await provider.start()
-        call_router = relay.dispatcher.call_router
+        call_router = relay.call_router
         if call_router is not None and call_router.call_automation is not None:
             await call_router.call_automation.start()
             log.info("call routing: %s", call_router.call_automation.description)

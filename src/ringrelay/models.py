@@ -32,6 +32,7 @@ class DeliveryStatus(StrEnum):
     CONFIG_ERROR = "config_error"  # our credentials/endpoint are wrong; a retry cannot fix it
     TRANSIENT = "transient"  # may succeed later: Event Grid's retry will push again
     EXPIRED = "expired"  # the ring window ended before it could be delivered
+    CANCELLED = "cancelled"  # no longer wanted: the call stopped ringing before it went out
 
     @property
     def settled(self) -> bool:
@@ -48,6 +49,7 @@ class EventStatus(StrEnum):
     IGNORED = "ignored"  # event type we do not handle (or a routing rule said ignore)
     REDIRECTED = "redirected"  # routing: Call Automation redirected the call
     CALL_REJECTED = "call_rejected"  # routing: Call Automation rejected the call
+    CANCELLED = "cancelled"  # the call had already stopped ringing: nothing pushed
 
 
 # ACS raw identifiers (../shared/notes/acs-payloads.md §1.7). Anything that is not one of these
@@ -103,3 +105,8 @@ class EventRecord:
     recipient: str | None = None
     received_at: float = 0.0
     deliveries: list[DeliveryOutcome] = field(default_factory=list)
+    # Calls: who called, ACS's second call key, and when the phone stops ringing; a stop push
+    # needs all three, and the call context is never stored.
+    caller: str | None = None
+    server_call_id: str | None = None
+    expires_at: float | None = None

@@ -12,11 +12,12 @@ from ringrelay.auth.guard import Guard
 from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
+from ringrelay.events.table import event_kinds
 from ringrelay.metrics import Metrics
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
 from ringrelay.providers.sandbox import SandboxProvider
-from ringrelay.routing.calls import build_call_router
+from ringrelay.routing.calls import CallRouter, build_call_router
 from ringrelay.store import Store, open_store
 
 log = logging.getLogger("ringrelay")
@@ -121,6 +122,7 @@ class Relay:
     guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     webhook_in_progress: int = 0  # deliveries being handled now (see webhook_max_concurrent)
+    call_router: CallRouter | None = None  # rules, numbers, Call Automation (routing/)
 
 
 def make_relay(settings: Settings) -> Relay:
@@ -133,10 +135,18 @@ def make_relay(settings: Settings) -> Relay:
         router,
         metrics,
         ring_window_seconds=settings.ring_window_seconds,
-        call_router=call_router,
+        kinds=event_kinds(call_router),
     )
     return Relay(
-        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)
+        settings,
+        store,
+        router,
+        dispatcher,
+        metrics,
+        sandbox,
+        description,
+        Guard(settings, store),
+        call_router=call_router,
     )
 
 

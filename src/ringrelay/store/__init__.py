@@ -8,6 +8,9 @@ from typing import Protocol
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
 from ringrelay.routing.numbers import NumberAssignment
 
+# The record type of a call's stop ledger (events/stop_ringing.py), read on every IncomingCall.
+STOP_TYPE = "ringrelay.StopRinging"
+
 
 @dataclass(slots=True)
 class Claim:
@@ -172,6 +175,15 @@ class Store(Protocol):
     async def get_number(self, e164: str) -> NumberAssignment | None: ...
     async def list_numbers(self) -> list[NumberAssignment]: ...
     async def delete_number(self, e164: str) -> bool: ...
+    async def call_stops(self, correlation_id: str) -> list[EventRecord]:
+        """The call's stop records (`ringrelay.StopRinging`), without deliveries: one indexed
+        read, on every IncomingCall."""
+        ...
+
+    async def correlation_for_server_call(self, server_call_id: str) -> str | None:
+        """The correlationId of the ring recorded with this `serverCallId`, if any."""
+        ...
+
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts: ...
 
 
