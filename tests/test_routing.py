@@ -316,3 +316,25 @@ async def test_two_instances_on_postgresql_redirect_once(
         for server in (first, second):
             server.stop()
         await _drop_schema(schema)
+
+
+async def test_a_retry_after_a_timeout_is_executed_once(
+    make_server: Callable[..., RunningServer],
+    http: aiohttp.ClientSession,
+    fake_ca: FakeCallAutomation,
+    ca_settings: dict[str, Any],
+) -> None:
+    """The first attempt times out at our end but the service carries it out; the retry carries
+    the same Repeatability-Request-ID, so it gets the first answer instead of "already
+    redirected" (400), and the call is redirected once."""
+    server = make_server(acs_timeout_seconds=0.3, **ca_settings)
+    await assign(http, server, PSTN, USER)
+    fake_ca.respond(204, delay=0.8)
+    call = fake_ca.place_call(f"4:{PSTN}", CALLER)
+    _, answer = await post_events(http, server, [call])
+    assert the_event(answer)["status"] == "redirected", answer
+    await asyncio.sleep(0.8)  # let the slow first request finish at the fake
+    kinds = [(a["status"], bool(a.get("replayed"))) for a in fake_ca.actions]
+    assert (204, True) in kinds and (204, False) in kinds, fake_ca.actions
+    assert len({a["request_id"] for a in fake_ca.actions}) == 1
+    assert len(fake_ca.followups) == 1  # one redirect, one follow-up IncomingCall

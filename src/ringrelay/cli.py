@@ -121,6 +121,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _routing_line(settings: Settings) -> str:
+    if not settings.rules and not settings.call_automation_configured:
+        return ""
+    ca = (
+        "Call Automation configured"
+        if settings.call_automation_configured
+        else "no Call Automation"
+    )
+    return f"  routing:  {len(settings.rules)} rule(s), {ca}\n"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -157,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
-        f"  webhook:  POST http://{args.host}:{args.port}/api/events"
+        + _routing_line(settings)
+        + f"  webhook:  POST http://{args.host}:{args.port}/api/events"
         + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
         flush=True,
     )

@@ -518,6 +518,22 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     _rule_names.clear()
     if path is not None:
         _rule_names.update(_read_rule_names(path))
+    env_rules = os.environ.get("RINGRELAY_RULES")
+    if env_rules:
+        import json
+
+        try:
+            parsed = json.loads(env_rules)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list):
+            _rule_names.update(
+                {
+                    i: r["name"]
+                    for i, r in enumerate(parsed)
+                    if isinstance(r, dict) and isinstance(r.get("name"), str)
+                }
+            )
     for i, rule in enumerate(overrides.get("rules") or []):
         if isinstance(rule, dict) and isinstance(rule.get("name"), str):
             _rule_names[i] = rule["name"]
