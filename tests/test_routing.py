@@ -338,3 +338,35 @@ async def test_a_retry_after_a_timeout_is_executed_once(
     assert (204, True) in kinds and (204, False) in kinds, fake_ca.actions
     assert len({a["request_id"] for a in fake_ca.actions}) == 1
     assert len(fake_ca.followups) == 1  # one redirect, one follow-up IncomingCall
+
+
+async def test_redirect_targets_teams_user_and_phone_number(
+    make_server: Callable[..., RunningServer],
+    http: aiohttp.ClientSession,
+    fake_ca: FakeCallAutomation,
+    ca_settings: dict[str, Any],
+) -> None:
+    teams = "8:orgid:2da3b3c2-3a8b-4b5e-9f0e-5f6f2b1d9e11"
+
+    def to(number: str) -> dict[str, Any]:
+        return {"operatorType": "StringIn", "key": "data.to.phoneNumber.value", "values": [number]}
+
+    rules = [
+        rule("teams", "redirect", to("+14255551212"), target=teams),
+        rule("mobile", "redirect", to("+14255551313"), target="+12065550100"),
+    ]
+    server = make_server(rules=rules, **ca_settings)
+    for number in ("+14255551212", "+14255551313"):
+        _, answer = await post_events(http, server, [fake_ca.place_call(f"4:{number}", CALLER)])
+        assert the_event(answer)["status"] == "redirected", answer
+    first, second = (a["target"] for a in fake_ca.actions)
+    assert first == {
+        "rawId": teams,
+        "microsoftTeamsUser": {
+            "userId": "2da3b3c2-3a8b-4b5e-9f0e-5f6f2b1d9e11",
+            "isAnonymous": False,
+            "cloud": "PUBLIC",
+        },
+    }
+    assert second["phoneNumber"]["value"] == "+12065550100"
+    assert [f["data"]["to"]["rawId"] for f in fake_ca.followups] == [teams, "4:+12065550100"]

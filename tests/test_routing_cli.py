@@ -193,3 +193,63 @@ def test_complements() -> None:
         {"operatorType": "NumberInRange", "key": "data.n", "values": [[1, 2]]}
     )
     assert complement(rng) is not None and complement(rng).operator == "NumberNotInRange"  # type: ignore[union-attr]
+
+
+def test_simulate_pstn_call_end_to_end_with_the_fake(tmp_path: Path) -> None:
+    """`ringrelay fake callautomation`, `ringrelay serve` and `ringrelay simulate pstn-call` as
+    three processes: the number's call is redirected, the fake raises the follow-up, it rings."""
+    import urllib.request
+
+    from tests.test_cli import free_port, serve, wait_healthy
+
+    server_port, fake_port = free_port(), free_port()
+    fake = subprocess.Popen(
+        [*RINGRELAY, "fake", "callautomation", "--port", str(fake_port), "--tls-dir", "tls",
+         "--webhook", f"http://127.0.0.1:{server_port}/api/events"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    server = None
+    try:
+        assert fake.stdout is not None
+        lines = [fake.stdout.readline() for _ in range(4)]
+        connection = next(x for x in lines if "RINGRELAY_ACS_CONNECTION_STRING" in x)
+        env = clean_env() | {
+            "RINGRELAY_ACS_CONNECTION_STRING": connection.split("=", 1)[1].strip().strip("'"),
+            "RINGRELAY_ACS_CA_FILE": str(tmp_path / "tls" / "ca.pem"),
+            "RINGRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'rr.db'}",
+        }
+        server = serve(server_port, tmp_path, env)
+        url = f"http://127.0.0.1:{server_port}"
+        wait_healthy(url, server)
+        put = urllib.request.Request(
+            f"{url}/v1/numbers/+14255551212",
+            data=b'{"target": "8:acs:r_alice"}',
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
+        assert urllib.request.urlopen(put).status == 201
+        device = urllib.request.Request(
+            f"{url}/v1/identities/8:acs:r_alice/devices/iphone",
+            data=b'{"platform": "apns", "token": "' + b"ab" * 32 + b'"}',
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
+        assert urllib.request.urlopen(device).status == 201
+        out = subprocess.run(
+            [*RINGRELAY, "simulate", "pstn-call", "--to", "+14255551212", "--from",
+             "+14255550123", "--server", url, "--fake", f"https://127.0.0.1:{fake_port}",
+             "--tls-dir", "tls"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        text = out.stdout
+        assert "2. routing: redirected — number +14255551212: redirected to 8:acs:r_alice" in text
+        assert "3. Call Automation received redirect -> 8:acs:r_alice: HTTP 204" in text
+        assert "4. ACS raised the follow-up IncomingCall for 8:acs:r_alice: delivered" in text
+        assert "device iphone [apns] accepted via sandbox" in text
+        assert "5. the sandbox holds 1 push(es)" in text
+    finally:
+        for proc in (server, fake):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
