@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ringrelay import __version__
-from ringrelay.api import compat, numbers, registry, webhook
+from ringrelay.api import calls, compat, numbers, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
 from ringrelay.relay import Relay, make_relay, purge_loop
@@ -109,6 +109,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     webhook.install(app)
     app.webhook = ResponseGuard(webhook.asgi_endpoint)
     app.include_router(registry.router)
+    app.include_router(calls.router)
     app.include_router(compat.router)
     app.include_router(numbers.router)
     return app

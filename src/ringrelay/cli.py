@@ -193,12 +193,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _post(url: str, payload: bytes) -> tuple[int, Any]:
+async def _post(url: str, payload: bytes, api_key: str | None = None) -> tuple[int, Any]:
     import aiohttp
 
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
     async with (
         aiohttp.ClientSession() as session,
-        session.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp,
+        session.post(url, data=payload, headers=headers) as resp,
     ):
         text = await resp.read()
         try:
@@ -207,23 +210,34 @@ async def _post(url: str, payload: bytes) -> tuple[int, Any]:
             return resp.status, text.decode(errors="replace")
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from ringrelay.simulate import incoming_call_event
-
-    event = incoming_call_event(args.to, args.caller, args.display_name)
-    url = args.server.rstrip("/") + "/api/events"
+def _webhook_url(args: argparse.Namespace) -> str:
+    url = str(args.server).rstrip("/") + "/api/events"
     secret = args.secret or os.environ.get("RINGRELAY_WEBHOOK_SECRET")
     if secret:
         from urllib.parse import quote
 
         url += "?code=" + quote(secret, safe="")
+    return url
+
+
+def _print_deliveries(deliveries: list[dict[str, Any]]) -> None:
+    for d in deliveries:
+        line = (
+            f"    - {d['device_id']} [{d['platform']}] {d['status']}"
+            f" via {d['provider'] or '-'} after {d['attempts']} attempt(s)"
+        )
+        if d.get("reason"):
+            line += f": {d['reason']}"
+        print(line)
+
+
+def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
     try:
-        status, answer = asyncio.run(_post(url, orjson.dumps([event])))
+        status, answer = asyncio.run(_post(_webhook_url(args), orjson.dumps([event])))
     except OSError as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
         return 1
-    call_id = event["data"]["correlationId"]
-    print(f"IncomingCall {event['id']} (callId {call_id}) to {args.to}: HTTP {status}")
+    print(f"{title}: HTTP {status}")
     if not isinstance(answer, dict) or "events" not in answer:
         print(f"  server said: {answer}")
         return 1
@@ -235,14 +249,50 @@ def _simulate(args: argparse.Namespace) -> int:
             + (f" ({report['reason']})" if report.get("reason") else "")
         )
         print(f"  devices found: {len(deliveries)}, pushes accepted: {accepted}")
-        for d in deliveries:
-            line = (
-                f"    - {d['device_id']} [{d['platform']}] {d['status']}"
-                f" via {d['provider'] or '-'} after {d['attempts']} attempt(s)"
-            )
-            if d.get("reason"):
-                line += f": {d['reason']}"
-            print(line)
+        _print_deliveries(deliveries)
+    return 0 if status == 200 else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import incoming_call_event
+
+    event = incoming_call_event(
+        args.to, args.caller, args.display_name, correlation_id=args.call_id
+    )
+    call_id = event["data"]["correlationId"]
+    return _send_events(args, event, f"IncomingCall {event['id']} (callId {call_id}) to {args.to}")
+
+
+def _simulate_call_ended(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import call_ended_event
+
+    event = call_ended_event(args.call_id)
+    return _send_events(args, event, f"CallEnded {event['id']} (callId {args.call_id})")
+
+
+def _simulate_answered(args: argparse.Namespace) -> int:
+    """The callee answered on `--device`: what a backend sends through the stop-ringing API."""
+    body: dict[str, Any] = {"answered_device": args.device, "reason": "answered_elsewhere"}
+    if args.identity:
+        body["identity"] = args.identity
+    url = f"{str(args.server).rstrip('/')}/v1/calls/{args.call_id}/stop-ringing"
+    try:
+        api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+        status, answer = asyncio.run(_post(url, orjson.dumps(body), api_key))
+    except OSError as exc:
+        print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    print(f"answered on {args.device} (callId {args.call_id}): HTTP {status}")
+    if not isinstance(answer, dict) or "devices" not in answer:
+        print(f"  server said: {answer}")
+        return 1
+    stopped = sum(1 for d in answer["devices"] if d["status"] == "accepted")
+    print(
+        f"  stop status: {answer['status']}"
+        + (f" ({answer['reason']})" if answer.get("reason") else "")
+    )
+    print(f"  devices stopped: {stopped}")
+    _print_deliveries(answer["devices"])
     return 0 if status == 200 else 1
 
 
@@ -296,9 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="caller rawId (4:+<E.164> for a phone caller)",
     )
     call.add_argument("--display-name", default="ringrelay simulator")
-    call.add_argument("--server", default="http://127.0.0.1:8080")
-    call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
+    call.add_argument("--call-id", help="the call's correlationId (default: a new one)")
     call.set_defaults(func=_simulate)
+    ended = sim_sub.add_parser("call-ended", help="a Microsoft.Communication.CallEnded")
+    ended.add_argument("--call-id", required=True, help="the ringing call's correlationId")
+    ended.set_defaults(func=_simulate_call_ended)
+    answered = sim_sub.add_parser(
+        "answered", help="the callee answered on one device (POST /v1/calls/{callId}/stop-ringing)"
+    )
+    answered.add_argument("--call-id", required=True, help="the ringing call's correlationId")
+    answered.add_argument("--device", required=True, help="the device that answered")
+    answered.add_argument("--identity", help="the callee (default: every callee of the call)")
+    answered.add_argument(
+        "--api-key", help="an API key with the register scope (default: RINGRELAY_API_KEY)"
+    )
+    answered.set_defaults(func=_simulate_answered)
+    for p in (call, ended, answered):
+        p.add_argument("--server", default="http://127.0.0.1:8080")
+        p.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
     simulate_sub = sim_sub
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")

@@ -8,8 +8,8 @@ from typing import Protocol
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
 from ringrelay.routing.numbers import NumberAssignment
 
-# The record type of a call's stop ledger (events/stop_ringing.py), read on every IncomingCall.
-STOP_TYPE = "ringrelay.StopRinging"
+# The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
+CALL_STOPPED = "ringrelay.CallStopped"
 
 
 @dataclass(slots=True)
@@ -176,8 +176,8 @@ class Store(Protocol):
     async def list_numbers(self) -> list[NumberAssignment]: ...
     async def delete_number(self, e164: str) -> bool: ...
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        """The call's stop records (`ringrelay.StopRinging`), without deliveries: one indexed
-        read, on every IncomingCall."""
+        """The call's `ringrelay.CallStopped` records, without deliveries: one indexed read, on
+        every IncomingCall."""
         ...
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:

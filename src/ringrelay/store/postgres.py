@@ -31,7 +31,7 @@ from ringrelay.models import (
 from ringrelay.redact import fingerprint
 from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
-    STOP_TYPE,
+    CALL_STOPPED,
     ActionClaim,
     ApiKey,
     CallAction,
@@ -696,7 +696,7 @@ class PostgresStore:
             f"SELECT {self._EVENT_COLUMNS} FROM events WHERE correlation_id = $1 "
             "AND event_type = $2 ORDER BY received_at",
             correlation_id,
-            STOP_TYPE,
+            CALL_STOPPED,
         )
         return [self._event(r) for r in rows]
 

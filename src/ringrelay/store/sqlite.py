@@ -36,7 +36,7 @@ from ringrelay.models import (
 from ringrelay.redact import fingerprint
 from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
-    STOP_TYPE,
+    CALL_STOPPED,
     ActionClaim,
     ApiKey,
     CallAction,
@@ -785,7 +785,7 @@ class SQLiteStore:
         ]
 
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        return self._events("correlation_id = ? AND event_type = ?", correlation_id, STOP_TYPE)
+        return self._events("correlation_id = ? AND event_type = ?", correlation_id, CALL_STOPPED)
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:
         row = self.db.execute(
