@@ -253,3 +253,28 @@ def test_simulate_pstn_call_end_to_end_with_the_fake(tmp_path: Path) -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
+
+
+def test_az_flags_spell_ranges_nulls_and_warn_on_bool_false() -> None:
+    rules = [
+        Rule.model_validate(
+            {
+                "name": "r",
+                "action": "ignore",
+                "conditions": [
+                    {"operatorType": "NumberInRange", "key": "data.n", "values": [[1, 2], [5, 9]]},
+                    {"operatorType": "IsNotNull", "key": "data.x"},
+                    {"operatorType": "BoolEquals", "key": "data.b", "value": False},
+                ],
+            }
+        )
+    ]
+    (entry,) = subscription_filters(rules)["rules"]
+    assert "--advanced-filter data.n NumberInRange 1,2 5,9" in entry["az"]
+    assert "--advanced-filter data.x IsNotNull --advanced-filter" in entry["az"]
+    assert "az turns `BoolEquals false` into true" in entry["az_warning"]
+    assert entry["filter"]["advancedFilters"][2] == {
+        "operatorType": "BoolEquals",
+        "key": "data.b",
+        "value": False,
+    }

@@ -167,6 +167,8 @@ def eventgrid_filters_command(args: argparse.Namespace) -> int:
         for note in block["notes"]:
             print(f"#   {note}")
         if args.format == "az":
+            if block.get("az_warning"):
+                print(f"#   {block['az_warning']}")
             print(
                 f"az eventgrid event-subscription create --name … --source-resource-id … "
                 f"--endpoint … {block['az']}"

@@ -85,12 +85,16 @@ def _plan(conditions: list[Condition], notes: list[str]) -> dict[str, Any]:
     if advanced:
         arm["advancedFilters"] = advanced
         arm["enableAdvancedFilteringOnArrays"] = True
-    return {
+    plan: dict[str, Any] = {
         "exact": not notes,
         "notes": notes,
         "filter": arm,
         "az": az_flags(conditions),
     }
+    if any(c.operator == "BoolEquals" and c.values[0] is False for c in conditions):
+        # azure-cli builds the filter with bool(<text>), and bool("false") is True.
+        plan["az_warning"] = "az turns `BoolEquals false` into true: use the ARM JSON"
+    return plan
 
 
 def _excluding(earlier: Sequence[Rule], notes: list[str]) -> list[Condition]:
@@ -146,7 +150,9 @@ def _az_value(value: Any) -> str:
 
 def az_flags(conditions: Sequence[Condition]) -> str:
     """`az eventgrid event-subscription create` flags: `--advanced-filter KEY OPERATOR VALUE...`
-    (ranges as `low,high`), one flag per condition."""
+    (ranges as `low,high`, no value for IsNullOrUndefined / IsNotNull), one flag per condition,
+    as azure-cli parses them (Azure/azure-cli `src/azure-cli/azure/cli/command_modules/
+    eventgrid/advanced_filter.py`)."""
     parts = ["--included-event-types", INCOMING_CALL]
     for c in conditions:
         parts += ["--advanced-filter", c.key, c.operator, *(_az_value(v) for v in c.values)]
