@@ -370,3 +370,46 @@ async def test_redirect_targets_teams_user_and_phone_number(
     }
     assert second["phoneNumber"]["value"] == "+12065550100"
     assert [f["data"]["to"]["rawId"] for f in fake_ca.followups] == [teams, "4:+12065550100"]
+
+
+async def test_rules_see_the_envelope_in_both_schemas(
+    make_server: Callable[..., RunningServer], http: aiohttp.ClientSession
+) -> None:
+    """Envelope keys (`subject`, `eventType`) reach the rules for an Event Grid event and for a
+    CloudEvent (whose `type` answers to `eventType`); push and ignore need no Call Automation."""
+    from ringrelay.simulate import incoming_call_event
+
+    rules = [
+        rule(
+            "pstn-subject",
+            "ignore",
+            {"operatorType": "StringBeginsWith", "key": "subject", "values": ["/PHONECALL/"]},
+            {
+                "operatorType": "StringIn",
+                "key": "eventType",
+                "values": ["microsoft.communication.incomingcall"],
+            },
+        )
+    ]
+    server = make_server(rules=rules)
+    await register(http, server, USER, "u1")
+    grid = incoming_call_event(USER, CALLER)
+    _, answer = await post_events(http, server, [grid])
+    assert the_event(answer)["status"] == "ignored", answer
+    cloud = incoming_call_event(USER, CALLER)
+    cloud_event = {
+        "id": cloud["id"],
+        "source": cloud["topic"],
+        "subject": cloud["subject"],
+        "type": cloud["eventType"],
+        "specversion": "1.0",
+        "time": cloud["eventTime"],
+        "data": cloud["data"],
+    }
+    _, answer = await post_events(
+        http, server, [cloud_event], content_type="application/cloudevents-batch+json"
+    )
+    assert the_event(answer)["status"] == "ignored", answer
+    voip = incoming_call_event(USER, acs_id("caller"))  # subject without /phoneCall
+    _, answer = await post_events(http, server, [voip])
+    assert the_event(answer)["status"] == "delivered", answer
