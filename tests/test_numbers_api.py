@@ -15,7 +15,7 @@ USER = acs_id("numbers-user")
 async def test_numbers_crud_with_admin_key_only(
     make_server: Callable[..., RunningServer], http: aiohttp.ClientSession
 ) -> None:
-    server = make_server()
+    server = make_server(auth_required=True)
     admin, admin_record = new_api_key("ops", ["admin"])
     reader, reader_record = new_api_key("app", ["register", "read"])
     await server.relay.store.create_api_key(admin_record)

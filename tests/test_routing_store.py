@@ -91,6 +91,10 @@ async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
     path = tmp_path / "v1.db"
     db = sqlite3.connect(path)
     db.executescript(
+        "CREATE TABLE registrations (identity TEXT NOT NULL, device_id TEXT NOT NULL, platform "
+        "TEXT NOT NULL, token TEXT NOT NULL, push_kind TEXT NOT NULL, app_id TEXT, created_at "
+        "REAL NOT NULL, updated_at REAL NOT NULL, expires_at REAL NOT NULL, "
+        "PRIMARY KEY (identity, device_id)) WITHOUT ROWID;"
         "CREATE TABLE events (event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, status TEXT "
         "NOT NULL, reason TEXT NOT NULL DEFAULT '', correlation_id TEXT, recipient TEXT, "
         "received_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID;"
@@ -106,6 +110,6 @@ async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
         assert [k.key_id for k in await s.list_api_keys()] == ["k1"]  # kept
         await s.put_number(NumberAssignment("+14255551212", USER, "", NOW, NOW))
         assert (await s.get_number("+14255551212")) is not None
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 4
     finally:
         await s.close()

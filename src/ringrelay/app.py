@@ -50,11 +50,25 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
             await call_router.call_automation.start()
             log.info("call routing: %s", call_router.call_automation.description)
         log.info(
-            "ringrelay %s: store %s, delivery %s",
+            "ringrelay %s: store %s, delivery %s, registrar auth %s",
             __version__,
             relay.store.description,
             relay.delivery_description,
+            relay.guard.description,
         )
+        if not relay.guard.required and await relay.store.active_api_keys():
+            # Keys no longer switch authentication on by existing (issue 17): say so, since a
+            # deployment may have relied on that.
+            log.warning(
+                "registrar authentication is off, yet API keys are active: they are not "
+                "required; set RINGRELAY_AUTH_REQUIRED=true to require them"
+            )
+        elif relay.guard.required and await relay.guard.no_credential_can_pass():
+            log.warning(
+                "registrar authentication is required but nothing can authenticate (no JWT "
+                "issuer, no active API key): registrar requests get 503 until `ringrelay keys "
+                "create` makes a key"
+            )
         relay.tasks.append(asyncio.create_task(purge_loop(relay)))
         try:
             yield

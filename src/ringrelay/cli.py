@@ -9,17 +9,32 @@ import gc
 import ipaddress
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, Settings, load_settings
 from ringrelay.store import Store, open_store
+
+
+def redact_secret_query(path: str) -> str:
+    """`path?query` with the value of every `code` parameter replaced. Names are compared
+    decoded, as the webhook reads them (Starlette's `parse_qsl`), or `?c%6Fde=<secret>` would
+    authenticate and still be logged in clear."""
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, _, _ = field.partition("=")
+        if unquote_plus(name) == "code":
+            fields[i] = f"{name}=<redacted>"
+    return f"{head}?{'&'.join(fields)}"
 
 
 class _RedactSecretQuery(logging.Filter):
@@ -29,8 +44,8 @@ class _RedactSecretQuery(logging.Filter):
         if isinstance(record.args, tuple) and len(record.args) >= 3:
             args = list(record.args)
             path = str(args[2])
-            if "code=" in path:
-                args[2] = re.sub(r"(?<=[?&]code=)[^&]*", "<redacted>", path)
+            if "?" in path:
+                args[2] = redact_secret_query(path)
                 record.args = tuple(args)
         return True
 
@@ -59,6 +74,23 @@ async def _active_api_keys(settings: Settings) -> int:
         return await store.active_api_keys()
 
 
+def _auth_note(settings: Settings) -> str:
+    """Whether a server with these settings asks for the key (creating one changes nothing)."""
+    if settings.auth_required is True or settings.registrar_auth_enabled:
+        return "this configuration requires registrar authentication: servers accept the key now"
+    if settings.auth_required is False:
+        return (
+            "this configuration turns registrar authentication off (RINGRELAY_AUTH_REQUIRED="
+            "false): servers accept anonymous requests and do not need the key; set "
+            "RINGRELAY_AUTH_REQUIRED=true and restart `ringrelay serve` to require it"
+        )
+    return (
+        "with this configuration a server on a non-loopback address requires registrar "
+        "authentication, one on loopback does not (RINGRELAY_AUTH_REQUIRED unset): to require "
+        "the key there too, set RINGRELAY_AUTH_REQUIRED=true and restart `ringrelay serve`"
+    )
+
+
 def _keys(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -81,6 +113,7 @@ def _keys(args: argparse.Namespace) -> int:
                     f"created API key {record.key_id} ({record.name}), scopes: "
                     f"{' '.join(record.scopes)}"
                 )
+                print(_auth_note(settings))
                 print("the key is shown only now; store it in your backend's secret store:")
                 print(full)
             elif args.action == "list":
@@ -93,6 +126,14 @@ def _keys(args: argparse.Namespace) -> int:
                     print(f"ringrelay keys: no active key {args.key_id}", file=sys.stderr)
                     return 1
                 print(f"revoked API key {args.key_id}")
+                if settings.registrar_auth_required(beyond_loopback=True) and not (
+                    settings.registrar_auth_enabled or await store.active_api_keys()
+                ):
+                    print(
+                        "no active API key is left and no JWT issuer is configured: a server "
+                        "that requires registrar authentication now answers 503 to every "
+                        "registrar request until a key is created (it does not open)"
+                    )
             return 0
 
     return asyncio.run(run())
@@ -132,6 +173,35 @@ def _routing_line(settings: Settings) -> str:
     return f"  routing:  {len(settings.rules)} rule(s), {ca}\n"
 
 
+_HOW_TO_AUTHENTICATE = (
+    "configure RINGRELAY_AUTH_ISSUER for users' JWTs (see README, Security) or create an API key "
+    "for a backend (`ringrelay keys create --name <backend>`)"
+)
+
+
+def _auth_problem(settings: Settings, args: argparse.Namespace) -> str | None:
+    """Why `serve` must not listen on a non-loopback address as configured, if it must not."""
+    if _is_loopback(args.host):
+        return None
+    if not settings.registrar_auth_required(beyond_loopback=not args.insecure):
+        if args.insecure:
+            return None
+        return (
+            "registrar authentication is off (RINGRELAY_AUTH_REQUIRED=false): anyone could "
+            "register a phone for someone else's identity and receive their calls. Unset it or "
+            f"set it to true and {_HOW_TO_AUTHENTICATE}; or bind to 127.0.0.1 behind an "
+            "authenticating proxy, or pass --insecure."
+        )
+    if not settings.registrar_auth_enabled and not asyncio.run(_active_api_keys(settings)):
+        return (
+            "registrar authentication is required there, and nothing could authenticate (no "
+            f"JWT issuer, no active API key): {_HOW_TO_AUTHENTICATE}; or bind to 127.0.0.1 "
+            "behind an authenticating proxy, or pass --insecure to run without authentication "
+            "(with RINGRELAY_AUTH_REQUIRED unset)."
+        )
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -144,20 +214,21 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if (
-        not _is_loopback(args.host)
-        and not settings.registrar_auth_enabled
-        and not asyncio.run(_active_api_keys(settings))
-    ):
-        if not args.insecure:
-            print(
-                f"ringrelay: refusing to listen on {args.host} with no registrar authentication: "
-                "anyone could register a phone for someone else's identity and receive their "
-                "calls. Configure RINGRELAY_AUTH_ISSUER (see README, Security), bind to "
-                "127.0.0.1 behind an authenticating proxy, or pass --insecure.",
-                file=sys.stderr,
+    problem = _auth_problem(settings, args)
+    if problem is not None:
+        print(f"ringrelay: refusing to listen on {args.host}: {problem}", file=sys.stderr)
+        return 2
+    # Decided once, here: whether registrar callers must authenticate never changes with the
+    # keys in the database (see Settings.registrar_auth_required).
+    beyond_loopback = not _is_loopback(args.host)
+    settings = settings.model_copy(
+        update={
+            "auth_required": settings.registrar_auth_required(
+                beyond_loopback=beyond_loopback and not args.insecure
             )
-            return 2
+        }
+    )
+    if beyond_loopback and not settings.auth_required:
         logging.getLogger("ringrelay").warning(
             "INSECURE: listening on %s with no registrar authentication (--insecure)", args.host
         )
@@ -168,6 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
+        f"  auth:     {relay.guard.description}\n"
         + _routing_line(settings)
         + f"  webhook:  POST http://{args.host}:{args.port}/api/events"
         + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
@@ -231,16 +303,27 @@ def _print_deliveries(deliveries: list[dict[str, Any]]) -> None:
         print(line)
 
 
-def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
+def _post_and_show(
+    args: argparse.Namespace, url: str, body: object, title: str, expect: str, **kw: Any
+) -> tuple[int, dict[str, Any]] | None:
+    """POST, print the title line; None (after saying why) when the answer is not usable."""
     try:
-        status, answer = asyncio.run(_post(_webhook_url(args), orjson.dumps([event])))
+        status, answer = asyncio.run(_post(url, orjson.dumps(body), **kw))
     except OSError as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
+        return None
     print(f"{title}: HTTP {status}")
-    if not isinstance(answer, dict) or "events" not in answer:
+    if not isinstance(answer, dict) or expect not in answer:
         print(f"  server said: {answer}")
+        return None
+    return status, answer
+
+
+def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
+    posted = _post_and_show(args, _webhook_url(args), [event], title, "events")
+    if posted is None:
         return 1
+    status, answer = posted
     for report in answer["events"]:
         deliveries = report.get("deliveries", [])
         accepted = sum(1 for d in deliveries if d["status"] == "accepted")
@@ -276,16 +359,12 @@ def _simulate_answered(args: argparse.Namespace) -> int:
     if args.identity:
         body["identity"] = args.identity
     url = f"{str(args.server).rstrip('/')}/v1/calls/{args.call_id}/stop-ringing"
-    try:
-        api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
-        status, answer = asyncio.run(_post(url, orjson.dumps(body), api_key))
-    except OSError as exc:
-        print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
+    api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+    title = f"answered on {args.device} (callId {args.call_id})"
+    posted = _post_and_show(args, url, body, title, "devices", api_key=api_key)
+    if posted is None:
         return 1
-    print(f"answered on {args.device} (callId {args.call_id}): HTTP {status}")
-    if not isinstance(answer, dict) or "devices" not in answer:
-        print(f"  server said: {answer}")
-        return 1
+    status, answer = posted
     stopped = sum(1 for d in answer["devices"] if d["status"] == "accepted")
     print(
         f"  stop status: {answer['status']}"

@@ -11,6 +11,22 @@ from ringrelay.routing.numbers import NumberAssignment
 # The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
 CALL_STOPPED = "ringrelay.CallStopped"
 
+# Schema step shared by both stores (plain SQL both dialects run): APNs tokens are stored in lower
+# case from now on (registry.normalise_token); older rows may hold one phone's token in two cases,
+# for two identities. Keep the newest registration of each token, as a new registration would
+# have, then lower-case what is left.
+APNS_TOKENS_TO_LOWER_CASE = """
+DELETE FROM registrations WHERE platform = 'apns' AND (identity, device_id) IN (
+    SELECT identity, device_id FROM (
+        SELECT identity, device_id, row_number() OVER (
+            PARTITION BY lower(token) ORDER BY updated_at DESC, identity DESC, device_id DESC
+        ) AS newest_first
+        FROM registrations WHERE platform = 'apns'
+    ) AS ranked WHERE newest_first > 1
+);
+UPDATE registrations SET token = lower(token) WHERE platform = 'apns' AND token <> lower(token);
+"""
+
 
 @dataclass(slots=True)
 class Claim:

@@ -31,6 +31,7 @@ from ringrelay.models import (
 from ringrelay.redact import fingerprint
 from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
     CALL_STOPPED,
     ActionClaim,
     ApiKey,
@@ -107,13 +108,15 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
-    # 2. Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
+    # 2: one spelling per APNs token (lower case)
+    APNS_TOKENS_TO_LOWER_CASE,
+    # 3: ring lifecycle: what a stop push needs of its ring (the call context is never stored)
     """
     ALTER TABLE events ADD COLUMN caller TEXT, ADD COLUMN server_call_id TEXT,
         ADD COLUMN expires_at DOUBLE PRECISION;
     CREATE INDEX events_server_call ON events (server_call_id) WHERE server_call_id IS NOT NULL;
     """,
-    # 3. Call routing: redirect/reject claims per call leg, and PSTN number assignment
+    # 4: call routing: redirect/reject claims per call leg, and PSTN number assignment
     # (self-contained: creates only its own tables; renumber freely on merge)
     """
     CREATE TABLE IF NOT EXISTS call_actions (
@@ -229,7 +232,7 @@ def _event_columns(events: list[tuple[EventRecord, float]]) -> list[list[Any]]:
 
 
 def _call_columns(events: list[EventRecord]) -> list[list[Any]]:
-    """The events table's call columns (added by migration 2), passed after the others."""
+    """The events table's call columns (added by migration 3), passed after the others."""
     return [
         [e.caller for e in events],
         [e.server_call_id for e in events],

@@ -36,6 +36,7 @@ from ringrelay.models import (
 from ringrelay.redact import fingerprint
 from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
     CALL_STOPPED,
     ActionClaim,
     ApiKey,
@@ -45,7 +46,7 @@ from ringrelay.store import (
     RemovedRegistration,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -121,7 +122,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ) WITHOUT ROWID;
 """
 
-# Call routing (routing/): part of SCHEMA, and upgrade 3 of an existing file.
+# Call routing (routing/): part of SCHEMA, and upgrade 4 of an existing file.
 ROUTING_TABLES = """
 CREATE TABLE IF NOT EXISTS call_actions (
     correlation_id TEXT NOT NULL,
@@ -152,12 +153,13 @@ SCHEMA += ROUTING_TABLES
 
 # Upgrades of an existing file, by the version they bring it to (SCHEMA is the current shape).
 UPGRADES: dict[int, str] = {
+    2: APNS_TOKENS_TO_LOWER_CASE,
     # Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
-    2: "ALTER TABLE events ADD COLUMN caller TEXT; "
+    3: "ALTER TABLE events ADD COLUMN caller TEXT; "
     "ALTER TABLE events ADD COLUMN server_call_id TEXT; "
     "ALTER TABLE events ADD COLUMN expires_at REAL;",
     # Call routing: redirect/reject claims per call leg, and PSTN number assignment.
-    3: ROUTING_TABLES,
+    4: ROUTING_TABLES,
 }
 
 
@@ -447,9 +449,10 @@ class SQLiteStore:
                 f"{self.path}: schema version {version} is newer than this ringrelay "
                 f"({SCHEMA_VERSION}); upgrade ringrelay"
             )
-        if version:  # an existing file: bring it up to date before the current shape
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                db.executescript(UPGRADES[target])
+        # Steps from one version to the next, for files made by an older ringrelay, each in its
+        # own transaction, before the current shape (a new file gets SCHEMA and needs none).
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            db.executescript(f"BEGIN; {UPGRADES[step]} PRAGMA user_version={step}; COMMIT;")
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.path != ":memory:":
