@@ -7,8 +7,9 @@ subscription receives both. ringrelay tells the two apart by its own ledger: a c
 correlationId has a redirect of ours *to this callee* (claimed before the request is sent, so
 the follow-up cannot overtake it) is pushed, never routed again. Beyond that, a call is never
 redirected to its own callee, nor more than RINGRELAY_MAX_REDIRECTS times. Not confirmed by any
-source: that the follow-up keeps the first event's correlationId (if it did not, the second and
-third guards still stop the loop).
+source: that the follow-up keeps the first event's correlationId. If it did not, the own-callee
+guard still stops the usual loop (the follow-up's callee is the redirect's target), but not a
+chain of rules redirecting A to B and B back to A.
 """
 
 from __future__ import annotations
