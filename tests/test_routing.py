@@ -413,3 +413,19 @@ async def test_rules_see_the_envelope_in_both_schemas(
     voip = incoming_call_event(USER, acs_id("caller"))  # subject without /phoneCall
     _, answer = await post_events(http, server, [voip])
     assert the_event(answer)["status"] == "delivered", answer
+
+
+async def test_untrusted_certificate_is_a_configuration_error_not_retried(
+    make_server: Callable[..., RunningServer],
+    http: aiohttp.ClientSession,
+    fake_ca: FakeCallAutomation,
+) -> None:
+    server = make_server(acs_connection_string=fake_ca.connection_string())  # no CA file
+    await assign(http, server, PSTN, USER)
+    call = fake_ca.place_call(f"4:{PSTN}", CALLER)
+    status, answer = await post_events(http, server, [call])
+    report = the_event(answer)
+    assert status == 200 and report["status"] == "failed", answer
+    assert "TLS certificate of Call Automation not trusted" in report["reason"]
+    assert "RINGRELAY_ACS_CA_FILE" in report["reason"]
+    assert fake_ca.actions == []  # never reached the fake

@@ -110,6 +110,6 @@ async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
         assert [k.key_id for k in await s.list_api_keys()] == ["k1"]  # kept
         await s.put_number(NumberAssignment("+14255551212", USER, "", NOW, NOW))
         assert (await s.get_number("+14255551212")) is not None
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 5
     finally:
         await s.close()

@@ -18,6 +18,7 @@ from ringrelay.api import calls, compat, numbers, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
 from ringrelay.relay import Relay, make_relay, purge_loop
+from ringrelay.store import StoreNotWritable
 
 log = logging.getLogger("ringrelay")
 
@@ -94,17 +95,35 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(list(exc.errors()))
 
+    @app.exception_handler(StoreNotWritable)
+    async def _not_writable(request: Request, exc: StoreNotWritable) -> JSONResponse:
+        # The storage's fault (disk full, read-only), not the request's: retry later. The
+        # cause is the store's own words (a path and SQLite's or PostgreSQL's message).
+        log.error("store not writable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"error": f"store not writable: {exc}; nothing was stored, retry later"},
+            status_code=503,
+            headers={"Retry-After": "30"},
+        )
+
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Store reachable and a provider configured")
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Store reachable and writable, a provider configured",
+    )
     async def readyz() -> JSONResponse:
         checks: dict[str, str] = {}
         ready = True
         try:
             await relay.store.ping()
             checks["store"] = "ok"
+        except StoreNotWritable as exc:
+            checks["store"] = f"not writable: {exc}"
+            ready = False
         except Exception as exc:
             checks["store"] = f"unreachable: {type(exc).__name__}"
             ready = False

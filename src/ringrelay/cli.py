@@ -19,7 +19,7 @@ import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, Settings, load_settings
-from ringrelay.store import Store, open_store
+from ringrelay.store import Store, StoreInUse, open_store
 
 
 def redact_secret_query(path: str) -> str:
@@ -61,7 +61,8 @@ def _settings(args: argparse.Namespace) -> Settings | None:
 
 @contextlib.asynccontextmanager
 async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
-    store = open_store(settings.database_url)
+    # Not a serving store: an admin command may share a SQLite file with a running server.
+    store = open_store(settings.database_url, serving=False)
     await store.open()  # also applies pending migrations
     try:
         yield store
@@ -235,6 +236,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
+    try:
+        relay.store.reserve()  # a second server on one SQLite file stops here, port unbound
+    except StoreInUse as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
     print(
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"

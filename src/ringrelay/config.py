@@ -455,9 +455,16 @@ class Settings(BaseSettings):
         return f"{self.nh_connection().endpoint}{self.nh_hub_name}/messages/"
 
     def nh_resource_uri(self) -> str:
-        """The hub URI the SAS token is scoped to: the messages URL without `/messages/`."""
-        url = self.nh_messages_url().rstrip("/")
-        return url.removesuffix("/messages")
+        """The hub URI the SAS token is scoped to: the connection string's endpoint + the hub
+        name, as Microsoft's ACS sample does (`GenerateToken(connectionString, hubName)`,
+        ../shared/notes/protocols.md §2.2). Not the messages URL: ANHHubUrl may reach the hub
+        through a proxy or a private endpoint, whose address the hub does not answer to. With
+        only ANHHubUrl given, the hub name is the segment before its `/messages/`."""
+        hub = self.nh_hub_name
+        if not hub:
+            segments = urlsplit(self.nh_messages_url()).path.strip("/").split("/")
+            hub = segments[-2] if len(segments) > 1 and segments[-1] == "messages" else segments[-1]
+        return f"{self.nh_connection().endpoint}{hub}"
 
     @classmethod
     def settings_customise_sources(

@@ -88,11 +88,29 @@ class ActionResult:
 
 
 def classify(exc: BaseException) -> ActionResult:
-    """What a failed request means: 401/403 a configuration error (bad key, wrong resource),
-    another 4xx a refusal that a retry cannot change (call answered, ended, bad target), 408/429
-    and 5xx or no answer transient."""
+    """What a failed request means: 401/403 or a certificate that does not verify a
+    configuration error (bad key, wrong resource, CA not trusted); another 4xx a refusal that a
+    retry cannot change (call answered, ended, bad target); 408/429, 5xx or no answer
+    transient."""
     from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
+    from ringrelay.providers import certificate_error
+
+    # azure-core keeps aiohttp's error as `inner_exception`.
+    cert = certificate_error(exc)
+    inner = getattr(exc, "inner_exception", None)
+    if cert is None and isinstance(inner, BaseException):
+        cert = certificate_error(inner)
+    if cert is not None:
+        # aiohttp's ClientConnectorCertificateError is an ssl.CertificateError holding ssl's.
+        original = getattr(cert, "certificate_error", cert)
+        detail = getattr(original, "verify_message", None) or str(original)
+        return ActionResult(
+            DeliveryStatus.CONFIG_ERROR,
+            f"TLS certificate of Call Automation not trusted ({detail}): "
+            "check the endpoint in RINGRELAY_ACS_CONNECTION_STRING, or trust the CA that signed "
+            "it with RINGRELAY_ACS_CA_FILE",
+        )
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         code = int(exc.status_code)
         error = getattr(exc, "error", None)

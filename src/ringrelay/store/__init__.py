@@ -64,6 +64,15 @@ class ApiKey:
     revoked_at: float | None = None
 
 
+class StoreInUse(Exception):
+    """Another process already serves from this store and the backend allows only one (SQLite)."""
+
+
+class StoreNotWritable(Exception):
+    """A write failed for a reason of the storage, not of the data: the disk is full, the file
+    is read-only, an I/O error. Answered 503 (retry later), and reported by /readyz."""
+
+
 @dataclass(frozen=True, slots=True)
 class PurgeCounts:
     registrations: int
@@ -106,9 +115,17 @@ class Store(Protocol):
 
     description: str
 
+    def reserve(self) -> None:
+        """Take what a serving process must hold alone (SQLite: the file's instance lock), or
+        raise StoreInUse. `open` does it too; `ringrelay serve` calls it first so that a second
+        server stops before binding its port. Admin commands (keys, db) never do."""
+        ...
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """Raises if the store is unreachable, StoreNotWritable if writes fail."""
+        ...
 
     # registry
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
@@ -203,13 +220,16 @@ class Store(Protocol):
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts: ...
 
 
-def open_store(database_url: str) -> Store:
+def open_store(database_url: str, *, serving: bool = True) -> Store:
+    """The store for `database_url`. `serving`: this process delivers pushes (it claims
+    deliveries): SQLite then locks the file to this process, PostgreSQL registers the instance
+    and keeps its heartbeat. Admin commands pass False."""
     if database_url.startswith("sqlite:///"):
         from ringrelay.store.sqlite import SQLiteStore
 
-        return SQLiteStore(database_url.removeprefix("sqlite:///"))
+        return SQLiteStore(database_url.removeprefix("sqlite:///"), single_instance=serving)
     if database_url.startswith(("postgresql://", "postgres://")):
         from ringrelay.store.postgres import PostgresStore
 
-        return PostgresStore(database_url)
+        return PostgresStore(database_url, heartbeat=serving)
     raise ValueError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]}")
