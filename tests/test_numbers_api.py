@@ -81,3 +81,21 @@ async def test_bad_number_or_target_is_a_422_naming_the_field(
             assert detail[0]["field"] == field, (number, body, detail)
     async with http.get(url) as resp:
         assert (await resp.json())["numbers"] == []  # nothing stored
+
+
+async def test_numbers_that_redirect_to_each_other_are_refused(
+    make_server: Callable[..., RunningServer], http: aiohttp.ClientSession
+) -> None:
+    """A loop the correlationId guard might not see (ACS may give the follow-up a new one)."""
+    server = make_server()
+    url = f"{server.url}/v1/numbers"
+    for number, target in (("+14255550001", "+14255550002"), ("+14255550002", "+14255550003")):
+        async with http.put(f"{url}/{number}", json={"target": target}) as resp:
+            assert resp.status == 201
+    async with http.put(f"{url}/+14255550003", json={"target": "+14255550001"}) as resp:
+        assert resp.status == 422
+        (detail,) = (await resp.json())["detail"]
+    assert detail["field"] == "target"
+    assert "+14255550003 -> +14255550001 -> +14255550002 -> +14255550003" in detail["msg"]
+    async with http.put(f"{url}/+14255550003", json={"target": USER}) as resp:
+        assert resp.status == 201

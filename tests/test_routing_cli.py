@@ -103,6 +103,11 @@ def test_numbers_cli_and_rules_test_without_rules(tmp_path: Path) -> None:
     assert out.returncode == 2 and "e164" in out.stderr
     out = run(["numbers", "list"], tmp_path, "", **env)
     assert "8:acs:r_alice  (desk)" in out.stdout
+    out = run(["numbers", "assign", "+12065550100", "+14255551212"], tmp_path, "", **env)
+    assert out.returncode == 0
+    out = run(["numbers", "assign", "+14255551212", "+12065550100"], tmp_path, "", **env)
+    assert out.returncode == 2 and "would form a redirect loop" in out.stderr
+    run(["numbers", "remove", "+12065550100"], tmp_path, "", **env)
     event = incoming_call_event("4:+14255551212", "4:+14255550123", event_id="e9")
     (tmp_path / "one.json").write_text(json.dumps(event))
     out = run(["rules", "test", "one.json"], tmp_path, "", **env)

@@ -16,6 +16,7 @@ from ringrelay.routing.numbers import (
     NumberError,
     check_assignment_target,
     check_e164,
+    redirect_loop,
 )
 
 router = APIRouter(prefix="/v1")
@@ -80,6 +81,9 @@ async def put_number(e164: str, body: NumberIn, request: Request, response: Resp
         target = check_assignment_target(body.target, number)
     except NumberError as exc:
         raise field_error(exc.field, "body", exc.message) from None
+    loop = await redirect_loop(relay.store, number, target)
+    if loop is not None:
+        raise field_error("target", "body", f"would form a redirect loop: {loop}")
     now = time.time()
     existing = await relay.store.get_number(number)
     created_at = existing.created_at if existing else now

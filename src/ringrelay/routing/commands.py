@@ -44,6 +44,7 @@ def numbers_command(args: argparse.Namespace) -> int:
         NumberError,
         check_assignment_target,
         check_e164,
+        redirect_loop,
     )
 
     settings = _settings(args)
@@ -67,6 +68,10 @@ def numbers_command(args: argparse.Namespace) -> int:
                 return 1
             print(f"removed {number}")
             return 0
+        loop = await redirect_loop(store, number, target)
+        if loop is not None:
+            print(f"ringrelay numbers: target: would form a redirect loop: {loop}", file=sys.stderr)
+            return 2
         now = time.time()
         existing = await store.get_number(number)
         await store.put_number(

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ringrelay.store import Store
 
 # ITU-T E.164: a '+', a country code that does not start with 0, at most 15 digits in all.
 E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# Numbers assigned to numbers are followed this far when looking for a redirect loop.
+MAX_NUMBER_CHAIN = 20
 
 
 class NumberError(ValueError):
@@ -55,4 +61,19 @@ def phone_number_of(raw_id: str) -> str | None:
         if not number.startswith("+"):
             number = "+" + number
         return number if E164_RE.match(number) else None
+    return None
+
+
+async def redirect_loop(store: Store, number: str, target: str) -> str | None:
+    """The chain of assigned numbers that would bring `number`'s calls back to it, if assigning
+    it to `target` closed one (numbers assigned to numbers, directly or through others): the
+    correlationId guard might not see such a loop, as ACS may give each redirect a new one."""
+    chain = [number]
+    hop = phone_number_of(target)
+    while hop is not None and len(chain) <= MAX_NUMBER_CHAIN:
+        chain.append(hop)
+        if hop == number:
+            return " -> ".join(chain)
+        assigned = await store.get_number(hop)
+        hop = phone_number_of(assigned.target) if assigned is not None else None
     return None
