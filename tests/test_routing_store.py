@@ -113,3 +113,16 @@ async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
         assert s.db.execute("PRAGMA user_version").fetchone()[0] == 5
     finally:
         await s.close()
+
+
+async def test_refused_redirects_do_not_count_unanswered_ones_do(store: Store) -> None:  # noqa: F811
+    refused = (await store.claim_call_action(_action("4:+1"), NOW, NOW + 30, 1)).action
+    assert refused is not None
+    refused.status = DeliveryStatus.REJECTED.value  # HTTP 404: the call was gone
+    await store.settle_call_action(refused, NOW + 1)
+    unanswered = (await store.claim_call_action(_action("4:+2"), NOW, NOW + 30, 1)).action
+    assert unanswered is not None  # the refused one did not count
+    unanswered.status = DeliveryStatus.TRANSIENT.value  # timed out: may have been carried out
+    await store.settle_call_action(unanswered, NOW + 2)
+    third = await store.claim_call_action(_action("4:+3"), NOW + 3, NOW + 30, 1)
+    assert not third.claimed and third.limit_reached

@@ -51,6 +51,11 @@ class Routed:
     note: str = ""  # why a push happened instead of the rule's action (loop guard)
 
 
+# A redirect the service refused raised no follow-up; any other (done, in flight, or unanswered:
+# a timed-out request may have been carried out) may have.
+_REFUSED = (DeliveryStatus.REJECTED.value, DeliveryStatus.CONFIG_ERROR.value)
+
+
 def _backoff(attempt: int) -> float:
     return float(min(2.0, 0.1 * 2 ** (attempt - 1))) * random.uniform(0.5, 1.5)
 
@@ -82,7 +87,7 @@ class CallRouter:
                     action.kind == "redirect"
                     and action.target == callee
                     and action.callee != callee
-                    and action.status in (DeliveryStatus.IN_FLIGHT, DeliveryStatus.ACCEPTED)
+                    and action.status not in _REFUSED
                 ):
                     return Decision("push", callee, "follow-up IncomingCall of our redirect")
         match = first_match(self.rules, envelope) if isinstance(envelope, dict) else None

@@ -194,7 +194,7 @@ class Store(Protocol):
     ) -> ActionClaim:
         """Atomically claim the action for (correlation_id, callee) unless it is settled, or in
         flight under a live lease; a redirect is refused once the call has `max_redirects`
-        redirects (in flight or done) on other legs."""
+        redirects on other legs that the service did not refuse (done, in flight, unanswered)."""
         ...
 
     async def settle_call_action(self, action: CallAction, now: float) -> None: ...

@@ -939,7 +939,7 @@ class PostgresStore:
             if action.kind == "redirect":
                 others = await conn.fetchval(
                     "SELECT count(*) FROM call_actions WHERE correlation_id = $1 AND callee != $2 "
-                    "AND kind = 'redirect' AND status IN ('in_flight', 'accepted')",
+                    "AND kind = 'redirect' AND status NOT IN ('rejected', 'config_error')",
                     action.correlation_id,
                     action.callee,
                 )

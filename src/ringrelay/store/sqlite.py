@@ -917,7 +917,7 @@ class SQLiteStore:
             if action.kind == "redirect":
                 (others,) = db.execute(
                     "SELECT count(*) FROM call_actions WHERE correlation_id = ? AND callee != ? "
-                    "AND kind = 'redirect' AND status IN ('in_flight', 'accepted')",
+                    "AND kind = 'redirect' AND status NOT IN ('rejected', 'config_error')",
                     (action.correlation_id, action.callee),
                 ).fetchone()
                 if int(others) >= max_redirects:
