@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ringrelay import __version__
-from ringrelay.api import calls, compat, registry, webhook
+from ringrelay.api import calls, compat, numbers, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
 from ringrelay.ops import dashboard
@@ -47,6 +47,10 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         await relay.store.open()
         for provider in relay.router.providers():
             await provider.start()
+        call_router = relay.call_router
+        if call_router is not None and call_router.call_automation is not None:
+            await call_router.call_automation.start()
+            log.info("call routing: %s", call_router.call_automation.description)
         log.info(
             "ringrelay %s: store %s, delivery %s, registrar auth %s",
             __version__,
@@ -75,6 +79,8 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
                 task.cancel()
             for provider in relay.router.providers():
                 await provider.close()
+            if call_router is not None and call_router.call_automation is not None:
+                await call_router.call_automation.close()
             await relay.store.close()
 
     app = RelayApp(
@@ -144,5 +150,6 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     app.include_router(registry.router)
     app.include_router(calls.router)
     app.include_router(compat.router)
+    app.include_router(numbers.router)
     app.include_router(dashboard.router)
     return app

@@ -201,6 +201,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _routing_line(settings: Settings) -> str:
+    if not settings.rules and not settings.call_automation_configured:
+        return ""
+    ca = (
+        "Call Automation configured"
+        if settings.call_automation_configured
+        else "no Call Automation"
+    )
+    return f"  routing:  {len(settings.rules)} rule(s), {ca}\n"
+
+
 _HOW_TO_AUTHENTICATE = (
     "configure a JWT issuer for users' tokens (RINGRELAY_AUTH_ISSUER with RINGRELAY_AUTH_AUDIENCE "
     "and RINGRELAY_AUTH_JWKS_URL or RINGRELAY_AUTH_PUBLIC_KEY_FILE; README, Security) or create "
@@ -283,7 +294,8 @@ def _serve(args: argparse.Namespace) -> int:
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
         f"  auth:     {relay.guard.description}\n"
-        f"  webhook:  POST http://{args.host}:{args.port}/api/events"
+        + _routing_line(settings)
+        + f"  webhook:  POST http://{args.host}:{args.port}/api/events"
         + ("?code=<secret>" if settings.webhook_secret else " (no secret set)")
     )
     if settings.log_format == "json":  # every line of output is then one JSON object
@@ -685,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (call, ended, answered):
         p.add_argument("--server", default="http://127.0.0.1:8080", help="ringrelay's base URL")
         p.add_argument("--secret", help="webhook secret (default: $RINGRELAY_WEBHOOK_SECRET)")
+    simulate_sub = sim_sub
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -778,6 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
     fcm.add_argument("--tls-dir", default="./ringrelay-fake-tls", help=tls_help)
     fcm_options(fcm)
     fcm.set_defaults(func=_fake)
+
+    from ringrelay.routing.commands import add_commands
+
+    add_commands(sub, simulate_sub, fake_sub)
     return parser
 
 

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from ringrelay.models import Platform
+from ringrelay.routing.rules import Rule, check_unique_names
 
 # Registration lifetime bounds: the ACS calling SDK's own limits (learn.microsoft.com
 # azure/communication-services/how-tos/calling-sdk/push-notifications: 5 min ... 180 days).
@@ -297,6 +298,18 @@ class Settings(BaseSettings):
     rate_limit_per_client: int = Field(default=600, ge=0)  # requests per minute per address
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the webhook
 
+    # Call routing (README, "Call routing"): rules evaluated in order for every IncomingCall.
+    rules: list[Rule] = Field(default_factory=list)
+    # Call Automation, for redirect / reject: `endpoint=https://<resource>.communication.azure.com/;
+    # accesskey=<base64>` (the Azure portal's "Keys" blade), or an endpoint with an Entra
+    # credential (azure-identity's DefaultAzureCredential, when that package is installed).
+    acs_connection_string: SecretStr | None = None
+    acs_endpoint: str | None = None
+    acs_ca_file: Path | None = None  # tests and fakes only: trust this CA
+    acs_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    # A call is redirected at most this many times (per correlationId): the loop guard.
+    max_redirects: int = Field(default=1, ge=0, le=10)
+
     @property
     def registrar_auth_enabled(self) -> bool:
         """A JWT issuer is configured (users can authenticate)."""
@@ -340,6 +353,35 @@ class Settings(BaseSettings):
                 "RINGRELAY_EVENTGRID_TENANT_ID and RINGRELAY_EVENTGRID_AUDIENCE: give both"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> Settings:
+        check_unique_names(self.rules)
+        if not self.call_automation_configured:
+            for i, rule in enumerate(self.rules):
+                if rule.action in ("redirect", "reject"):
+                    raise ValueError(
+                        f"rules[{i}] (name {rule.name!r}).action: {rule.action} needs Call "
+                        "Automation: set RINGRELAY_ACS_CONNECTION_STRING"
+                    )
+        if self.acs_connection_string is not None:
+            from ringrelay.routing.callautomation import parse_acs_connection_string
+
+            try:
+                parse_acs_connection_string(self.acs_connection_string.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"RINGRELAY_ACS_CONNECTION_STRING: {exc}") from None
+        if self.acs_endpoint is not None and not self.acs_endpoint.startswith("https://"):
+            raise ValueError(
+                "RINGRELAY_ACS_ENDPOINT: expected https://<resource>.communication.azure.com"
+            )
+        if self.acs_ca_file is not None and not self.acs_ca_file.is_file():
+            raise ValueError(f"RINGRELAY_ACS_CA_FILE: no such file {self.acs_ca_file}")
+        return self
+
+    @property
+    def call_automation_configured(self) -> bool:
+        return self.acs_connection_string is not None or self.acs_endpoint is not None
 
     @field_validator("nh_connection_string")
     @classmethod
@@ -486,6 +528,7 @@ class Settings(BaseSettings):
 
 
 _toml_path: Path | None = None
+_rule_names: dict[int, str] = {}  # rule index -> name, for error messages
 
 # Which names a user may have written for each field, for error messages.
 _FIELD_NAMES: dict[str, str] = {
@@ -500,6 +543,15 @@ _FIELD_NAMES: dict[str, str] = {
 def _setting_name(loc: tuple[Any, ...]) -> str:
     if not loc:
         return "settings"
+    if loc[0] == "rules" and len(loc) >= 2 and isinstance(loc[1], int):
+        # rules[1] (name 'to-sales').conditions[0].values
+        out = f"rules[{loc[1]}]"
+        name = _rule_names.get(loc[1])
+        if name:
+            out += f" (name {name!r})"
+        for part in loc[2:]:
+            out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        return out
     if loc[0] in ("apns", "fcm", "routes"):
         # TOML tables: apns[0].key_file, routes.wns
         out = str(loc[0])
@@ -558,6 +610,23 @@ def _settings_error(exc: SettingsError) -> ConfigError:
     return ConfigError(f"invalid configuration: {name}: not valid JSON{cause}")
 
 
+def _read_rule_names(path: Path) -> dict[int, str]:
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
+    rules = doc.get("rules")
+    if not isinstance(rules, list):
+        return {}
+    return {
+        i: r["name"]
+        for i, r in enumerate(rules)
+        if isinstance(r, dict) and isinstance(r.get("name"), str)
+    }
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings; raise ConfigError naming the setting when one is malformed."""
     global _toml_path
@@ -568,6 +637,28 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             raise ConfigError(f"RINGRELAY_CONFIG / --config: no such file: {path}")
         _check_toml(path)
     _toml_path = path
+    _rule_names.clear()
+    if path is not None:
+        _rule_names.update(_read_rule_names(path))
+    env_rules = os.environ.get("RINGRELAY_RULES")
+    if env_rules:
+        import json
+
+        try:
+            parsed = json.loads(env_rules)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list):
+            _rule_names.update(
+                {
+                    i: r["name"]
+                    for i, r in enumerate(parsed)
+                    if isinstance(r, dict) and isinstance(r.get("name"), str)
+                }
+            )
+    for i, rule in enumerate(overrides.get("rules") or []):
+        if isinstance(rule, dict) and isinstance(rule.get("name"), str):
+            _rule_names[i] = rule["name"]
     try:
         return Settings(**overrides)
     except SettingsError as exc:

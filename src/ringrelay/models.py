@@ -46,7 +46,9 @@ class EventStatus(StrEnum):
     EXPIRED = "expired"  # older than the ring window
     REJECTED = "rejected"  # malformed event
     NO_DEVICES = "no_devices"  # nobody to push to
-    IGNORED = "ignored"  # event type we do not handle
+    IGNORED = "ignored"  # event type we do not handle (or a routing rule said ignore)
+    REDIRECTED = "redirected"  # routing: Call Automation redirected the call
+    CALL_REJECTED = "call_rejected"  # routing: Call Automation rejected the call
     CANCELLED = "cancelled"  # the call had already stopped ringing: nothing pushed
 
 

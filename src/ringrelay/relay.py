@@ -17,6 +17,7 @@ from ringrelay.metrics import Metrics, provider_gauges
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
 from ringrelay.providers.sandbox import SandboxProvider
+from ringrelay.routing.calls import CallRouter, build_call_router
 from ringrelay.store import Store, open_store
 
 log = logging.getLogger("ringrelay")
@@ -121,22 +122,32 @@ class Relay:
     guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     webhook_in_progress: int = 0  # deliveries being handled now (see webhook_max_concurrent)
+    call_router: CallRouter | None = None  # rules, numbers, Call Automation (routing/)
 
 
 def make_relay(settings: Settings) -> Relay:
     metrics = Metrics()
     store = open_store(settings.database_url)
     router, sandbox, description = build_router(settings)
+    call_router = build_call_router(settings, store)
     dispatcher = Dispatcher(
         store,
         router,
         metrics,
         ring_window_seconds=settings.ring_window_seconds,
-        kinds=event_kinds(),
+        kinds=event_kinds(call_router),
     )
     metrics.watch(provider_gauges(router.providers(), dispatcher._limits))
     return Relay(
-        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)
+        settings,
+        store,
+        router,
+        dispatcher,
+        metrics,
+        sandbox,
+        description,
+        Guard(settings, store),
+        call_router=call_router,
     )
 
 

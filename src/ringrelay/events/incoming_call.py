@@ -7,12 +7,20 @@ joining, came first: Event Grid does not order deliveries) is not pushed.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 from ringrelay.delivery.plan import Decision, PushPlan
 from ringrelay.events.ingest import INCOMING_CALL, Event
 from ringrelay.events.kind import Context
 from ringrelay.events.stop_ringing import stop_applies
 from ringrelay.models import EventRecord, EventStatus, PushKind
 from ringrelay.payloads import PayloadError, call_push_from_incoming_call
+
+if TYPE_CHECKING:
+    from ringrelay.routing.calls import CallRouter
+
+log = logging.getLogger("ringrelay.routing")
 
 # An eventTime ahead of our clock by more than this is taken as our receive time: a sender's
 # clock off by years must not make a push live for years (apns-expiration, FCM ttl). Azure's
@@ -29,6 +37,10 @@ def event_time(event: Event, received_at: float) -> float:
 
 class IncomingCall:
     event_types = (INCOMING_CALL,)
+
+    def __init__(self, call_router: CallRouter | None = None) -> None:
+        # Call routing (rules, numbers, redirect/reject): consulted before any push.
+        self.call_router = call_router if call_router is not None and call_router.active else None
 
     async def decide(self, event: Event, ctx: Context) -> Decision:
         try:
@@ -56,6 +68,25 @@ class IncomingCall:
             record.status = EventStatus.CANCELLED
             record.reason = f"not pushed: the call had already stopped ringing ({stop.reason})"
             return Decision(record=record)
+
+        if self.call_router is not None:
+            routed = await self.call_router.route(
+                event.envelope,
+                event_id=event.id,
+                callee=call.recipient_id,
+                correlation_id=call.call_id,
+                context=str(data.get("incomingCallContext", "")),
+                ring_ends_at=ring_ends_at,
+                deadline=ctx.deadline,
+            )
+            if routed.status is not None:  # redirected, rejected, ignored, or failed: no push
+                record.status, record.reason = routed.status, routed.reason
+                return Decision(record=record)
+            if routed.note:
+                log.info("call %s: %s", call.call_id, routed.note)
+            if routed.push_to is not None and routed.push_to != call.recipient_id:
+                # A push rule's target rings instead; the push names it as the recipient.
+                call.recipient_id = record.recipient = routed.push_to
 
         call_id, callee, store, stopped = call.call_id, call.recipient_id, ctx.store, ctx.stopped
 

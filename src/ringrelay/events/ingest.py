@@ -34,6 +34,7 @@ class Event:
     data: Any
     schema: str  # "eventgrid" | "cloudevents"
     error: str = ""  # set when the envelope itself is malformed
+    envelope: Any = None  # the event as received: routing rules read `subject`, `topic`, ...
 
 
 def parse_time(value: object) -> float | None:
@@ -126,7 +127,7 @@ def _normalize(index: int, raw: object, body: bytes) -> Event:
             data = orjson.loads(base64.b64decode(raw["data_base64"]))
         except (ValueError, orjson.JSONDecodeError):
             return _invalid(index, raw, "data_base64: not base64-encoded JSON", body)
-    return Event(event_id, etype, when, data, "cloudevents" if cloud else "eventgrid")
+    return Event(event_id, etype, when, data, "cloudevents" if cloud else "eventgrid", "", raw)
 
 
 def parse_delivery(body: bytes, content_type: str, max_events: int = 5000) -> list[Event]:

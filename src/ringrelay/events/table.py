@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ringrelay.events.call_lifecycle import Acknowledged, CallEnded, CallParticipantAdded
 from ringrelay.events.incoming_call import IncomingCall
 from ringrelay.events.kind import EventKind
 
+if TYPE_CHECKING:
+    from ringrelay.routing.calls import CallRouter
 
-def event_kinds() -> dict[str, EventKind]:
-    kinds: list[EventKind] = [IncomingCall(), CallEnded(), CallParticipantAdded(), Acknowledged()]
+
+def event_kinds(call_router: CallRouter | None = None) -> dict[str, EventKind]:
+    kinds: list[EventKind] = [
+        IncomingCall(call_router),
+        CallEnded(),
+        CallParticipantAdded(),
+        Acknowledged(),
+    ]
     return {event_type: kind for kind in kinds for event_type in kind.event_types}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
+from ringrelay.routing.numbers import NumberAssignment
 
 # The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
 CALL_STOPPED = "ringrelay.CallStopped"
@@ -77,6 +78,33 @@ class PurgeCounts:
     registrations: int
     events: int
     deliveries: int
+
+
+@dataclass(slots=True)
+class CallAction:
+    """A redirect or reject of one call leg (correlationId, callee), claimed in the ledger like a
+    push so that a redelivery or another instance does not do it twice."""
+
+    correlation_id: str
+    callee: str  # data.to of the IncomingCall that asked for it
+    event_id: str
+    kind: str  # "redirect" | "reject"
+    target: str  # redirect: raw id of the new callee; reject: the reason
+    status: str  # a DeliveryStatus value: in_flight, accepted, rejected, config_error, ...
+    reason: str = ""
+    attempts: int = 0
+    request_id: str = ""  # Repeatability-Request-ID, the same on every attempt
+    first_sent: float = 0.0  # Repeatability-First-Sent
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True)
+class ActionClaim:
+    """What `claim_call_action` decided."""
+
+    claimed: bool  # True: this caller does the action now
+    action: CallAction | None  # ours (claimed) or the one recorded before
+    limit_reached: bool = False  # the call was already redirected max_redirects times
 
 
 class Store(Protocol):
@@ -162,6 +190,27 @@ class Store(Protocol):
         ...
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]: ...
+
+    # call routing
+    async def claim_call_action(
+        self, action: CallAction, now: float, lease_until: float, max_redirects: int
+    ) -> ActionClaim:
+        """Atomically claim the action for (correlation_id, callee) unless it is settled, or in
+        flight under a live lease; a redirect is refused once the call has `max_redirects`
+        redirects on other legs that the service did not refuse (done, in flight, unanswered)."""
+        ...
+
+    async def settle_call_action(self, action: CallAction, now: float) -> None: ...
+    async def call_actions(self, correlation_id: str) -> list[CallAction]: ...
+
+    # number assignment
+    async def put_number(self, assignment: NumberAssignment) -> bool:
+        """Insert or replace; True when the number was not assigned before."""
+        ...
+
+    async def get_number(self, e164: str) -> NumberAssignment | None: ...
+    async def list_numbers(self) -> list[NumberAssignment]: ...
+    async def delete_number(self, e164: str) -> bool: ...
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
         """The call's `ringrelay.CallStopped` records, without deliveries: one indexed read, on
         every IncomingCall."""

@@ -44,10 +44,13 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
+from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
     APNS_TOKENS_TO_LOWER_CASE,
     CALL_STOPPED,
+    ActionClaim,
     ApiKey,
+    CallAction,
     Claim,
     PurgeCounts,
     RemovedRegistration,
@@ -184,7 +187,50 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
     """,
+    # 5: call routing: redirect/reject claims per call leg, and PSTN number assignment
+    # (self-contained: creates only its own tables; renumber freely on merge)
+    """
+    CREATE TABLE IF NOT EXISTS call_actions (
+        correlation_id TEXT NOT NULL,
+        callee         TEXT NOT NULL,
+        event_id       TEXT NOT NULL,
+        kind           TEXT NOT NULL,
+        target         TEXT NOT NULL,
+        status         TEXT NOT NULL,
+        reason         TEXT NOT NULL DEFAULT '',
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        request_id     TEXT NOT NULL,
+        first_sent     DOUBLE PRECISION NOT NULL,
+        lease_until    DOUBLE PRECISION,
+        updated_at     DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (correlation_id, callee)
+    );
+    CREATE INDEX IF NOT EXISTS call_actions_updated ON call_actions (updated_at);
+    CREATE TABLE IF NOT EXISTS numbers (
+        e164       TEXT PRIMARY KEY,
+        target     TEXT NOT NULL,
+        label      TEXT NOT NULL DEFAULT '',
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
+
+
+CALL_LOCK = 0x63616C6C  # "call": with the correlation id's hash, one claimer per call at a time
+_ACTION_COLUMNS = (
+    "correlation_id, callee, event_id, kind, target, status, reason, attempts, request_id, "
+    "first_sent, updated_at"
+)
+
+
+def _call_action(row: Any) -> CallAction:
+    return CallAction(*[row[i] for i in range(11)])
+
+
+def _number(row: Any) -> NumberAssignment:
+    return NumberAssignment(row[0], row[1], row[2], row[3], row[4])
+
 
 _DB_NOW = "extract(epoch from clock_timestamp())::float8"
 
@@ -872,6 +918,120 @@ class PostgresStore:
                 ]
         return events
 
+    # --- call routing -----------------------------------------------------------------------
+
+    @_writes
+    async def claim_call_action(
+        self, action: CallAction, now: float, lease_until: float, max_redirects: int
+    ) -> ActionClaim:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Instances claiming legs of the same call serialise here, so the redirect count
+            # and the claim are decided together.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", CALL_LOCK, action.correlation_id
+            )
+            row = await conn.fetchrow(
+                f"SELECT {_ACTION_COLUMNS}, lease_until FROM call_actions "
+                "WHERE correlation_id = $1 AND callee = $2",
+                action.correlation_id,
+                action.callee,
+            )
+            if row is not None:
+                existing = _call_action(row)
+                settled = DeliveryStatus(existing.status).settled
+                if settled or (row[11] is not None and row[11] > now):
+                    return ActionClaim(False, existing)
+                action.attempts = existing.attempts
+                action.request_id = existing.request_id
+                action.first_sent = existing.first_sent
+            if action.kind == "redirect":
+                others = await conn.fetchval(
+                    "SELECT count(*) FROM call_actions WHERE correlation_id = $1 AND callee != $2 "
+                    "AND kind = 'redirect' AND status NOT IN ('rejected', 'config_error')",
+                    action.correlation_id,
+                    action.callee,
+                )
+                if int(others) >= max_redirects:
+                    return ActionClaim(False, None, limit_reached=True)
+            action.status = DeliveryStatus.IN_FLIGHT.value
+            action.updated_at = now
+            await conn.execute(
+                f"INSERT INTO call_actions ({_ACTION_COLUMNS}, lease_until) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                "ON CONFLICT (correlation_id, callee) DO UPDATE SET event_id = excluded.event_id, "
+                "kind = excluded.kind, target = excluded.target, status = excluded.status, "
+                "reason = excluded.reason, lease_until = excluded.lease_until, "
+                "updated_at = excluded.updated_at",
+                action.correlation_id,
+                action.callee,
+                action.event_id,
+                action.kind,
+                action.target,
+                action.status,
+                action.reason,
+                action.attempts,
+                action.request_id,
+                action.first_sent,
+                now,
+                lease_until,
+            )
+        return ActionClaim(True, action)
+
+    @_writes
+    async def settle_call_action(self, action: CallAction, now: float) -> None:
+        await self.pool.execute(
+            "UPDATE call_actions SET status = $1, reason = $2, attempts = $3, lease_until = NULL, "
+            "updated_at = $4 WHERE correlation_id = $5 AND callee = $6",
+            action.status,
+            action.reason,
+            action.attempts,
+            now,
+            action.correlation_id,
+            action.callee,
+        )
+
+    async def call_actions(self, correlation_id: str) -> list[CallAction]:
+        rows = await self.pool.fetch(
+            f"SELECT {_ACTION_COLUMNS} FROM call_actions WHERE correlation_id = $1 "
+            "ORDER BY first_sent",
+            correlation_id,
+        )
+        return [_call_action(r) for r in rows]
+
+    # --- number assignment ------------------------------------------------------------------
+
+    @_writes
+    async def put_number(self, assignment: NumberAssignment) -> bool:
+        created = await self.pool.fetchval(
+            "INSERT INTO numbers (e164, target, label, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (e164) DO UPDATE SET "
+            "target = excluded.target, label = excluded.label, updated_at = excluded.updated_at "
+            "RETURNING (xmax = 0)",
+            assignment.e164,
+            assignment.target,
+            assignment.label,
+            assignment.created_at,
+            assignment.updated_at,
+        )
+        return bool(created)
+
+    async def get_number(self, e164: str) -> NumberAssignment | None:
+        row = await self.pool.fetchrow(
+            "SELECT e164, target, label, created_at, updated_at FROM numbers WHERE e164 = $1", e164
+        )
+        return None if row is None else _number(row)
+
+    async def list_numbers(self) -> list[NumberAssignment]:
+        rows = await self.pool.fetch(
+            "SELECT e164, target, label, created_at, updated_at FROM numbers ORDER BY e164"
+        )
+        return [_number(r) for r in rows]
+
+    @_writes
+    async def delete_number(self, e164: str) -> bool:
+        status = await self.pool.execute("DELETE FROM numbers WHERE e164 = $1", e164)
+        return bool(status != "DELETE 0")
+
     async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
         rows = await self.pool.fetch(
             "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > $1 "
@@ -923,6 +1083,7 @@ class PostgresStore:
             await conn.execute(
                 f"DELETE FROM instances WHERE last_seen < {_DB_NOW} - $1", INSTANCE_RETENTION
             )
+            await conn.execute("DELETE FROM call_actions WHERE updated_at < $1", cutoff)
         return PurgeCounts(
             registrations=int(regs.split()[-1]),
             events=int(events.split()[-1]),

@@ -36,10 +36,13 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
+from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
     APNS_TOKENS_TO_LOWER_CASE,
     CALL_STOPPED,
+    ActionClaim,
     ApiKey,
+    CallAction,
     Claim,
     PurgeCounts,
     RemovedRegistration,
@@ -47,7 +50,7 @@ from ringrelay.store import (
 )
 from ringrelay.store.instance_lock import InstanceLock
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -129,6 +132,35 @@ CREATE TABLE IF NOT EXISTS store_probe (
 );
 """
 
+# Call routing (routing/): part of SCHEMA, and upgrade 5 of an existing file.
+ROUTING_TABLES = """
+CREATE TABLE IF NOT EXISTS call_actions (
+    correlation_id TEXT NOT NULL,
+    callee         TEXT NOT NULL,
+    event_id       TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    target         TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    request_id     TEXT NOT NULL,
+    first_sent     REAL NOT NULL,
+    lease_until    REAL,
+    updated_at     REAL NOT NULL,
+    PRIMARY KEY (correlation_id, callee)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS call_actions_updated ON call_actions (updated_at);
+CREATE TABLE IF NOT EXISTS numbers (
+    e164       TEXT PRIMARY KEY,
+    target     TEXT NOT NULL,
+    label      TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+SCHEMA += ROUTING_TABLES
+
 # Upgrades of an existing file, by the version they bring it to (SCHEMA is the current shape).
 UPGRADES: dict[int, str] = {
     2: APNS_TOKENS_TO_LOWER_CASE,
@@ -139,7 +171,36 @@ UPGRADES: dict[int, str] = {
     # store_probe (the write /readyz tries while writes are failing): made by SCHEMA itself
     # (CREATE TABLE IF NOT EXISTS) when the file is opened.
     4: "",
+    # Call routing: redirect/reject claims per call leg, and PSTN number assignment.
+    5: ROUTING_TABLES,
 }
+
+
+_ACTION_COLUMNS = (
+    "correlation_id, callee, event_id, kind, target, status, reason, attempts, request_id, "
+    "first_sent, updated_at"
+)
+
+
+def _call_action(row: tuple[Any, ...]) -> CallAction:
+    return CallAction(
+        str(row[0]),
+        str(row[1]),
+        str(row[2]),
+        str(row[3]),
+        str(row[4]),
+        str(row[5]),
+        str(row[6]),
+        int(row[7]),
+        str(row[8]),
+        float(row[9]),
+        float(row[10]),
+    )
+
+
+def _number(row: tuple[Any, ...]) -> NumberAssignment:
+    return NumberAssignment(str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]))
+
 
 _REG_COLUMNS = (
     "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
@@ -843,6 +904,119 @@ class SQLiteStore:
             ]
         return events
 
+    # --- call routing -----------------------------------------------------------------------
+
+    async def claim_call_action(
+        self, action: CallAction, now: float, lease_until: float, max_redirects: int
+    ) -> ActionClaim:
+        # Written at once (not group-committed): another request must see the claim before the
+        # redirect's follow-up IncomingCall arrives, and a redirect is one per call, not per push.
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT {_ACTION_COLUMNS}, lease_until FROM call_actions "
+                "WHERE correlation_id = ? AND callee = ?",
+                (action.correlation_id, action.callee),
+            ).fetchone()
+            if row is not None:
+                existing = _call_action(row)
+                settled = DeliveryStatus(existing.status).settled
+                if settled or (row[11] is not None and float(row[11]) > now):
+                    return ActionClaim(False, existing)
+                action.attempts = existing.attempts
+                action.request_id = existing.request_id
+                action.first_sent = existing.first_sent
+            if action.kind == "redirect":
+                (others,) = db.execute(
+                    "SELECT count(*) FROM call_actions WHERE correlation_id = ? AND callee != ? "
+                    "AND kind = 'redirect' AND status NOT IN ('rejected', 'config_error')",
+                    (action.correlation_id, action.callee),
+                ).fetchone()
+                if int(others) >= max_redirects:
+                    return ActionClaim(False, None, limit_reached=True)
+            action.status = DeliveryStatus.IN_FLIGHT.value
+            action.updated_at = now
+            db.execute(
+                f"INSERT OR REPLACE INTO call_actions ({_ACTION_COLUMNS}, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    action.correlation_id,
+                    action.callee,
+                    action.event_id,
+                    action.kind,
+                    action.target,
+                    action.status,
+                    action.reason,
+                    action.attempts,
+                    action.request_id,
+                    action.first_sent,
+                    now,
+                    lease_until,
+                ),
+            )
+        return ActionClaim(True, action)
+
+    async def settle_call_action(self, action: CallAction, now: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE call_actions SET status = ?, reason = ?, attempts = ?, lease_until = NULL, "
+                "updated_at = ? WHERE correlation_id = ? AND callee = ?",
+                (
+                    action.status,
+                    action.reason,
+                    action.attempts,
+                    now,
+                    action.correlation_id,
+                    action.callee,
+                ),
+            )
+
+    async def call_actions(self, correlation_id: str) -> list[CallAction]:
+        rows = self.db.execute(
+            f"SELECT {_ACTION_COLUMNS} FROM call_actions WHERE correlation_id = ? "
+            "ORDER BY first_sent",
+            (correlation_id,),
+        ).fetchall()
+        return [_call_action(r) for r in rows]
+
+    # --- number assignment ------------------------------------------------------------------
+
+    async def put_number(self, assignment: NumberAssignment) -> bool:
+        with self._write() as db:
+            existed = db.execute(
+                "SELECT 1 FROM numbers WHERE e164 = ?", (assignment.e164,)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO numbers (e164, target, label, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (e164) DO UPDATE SET "
+                "target = excluded.target, label = excluded.label, "
+                "updated_at = excluded.updated_at",
+                (
+                    assignment.e164,
+                    assignment.target,
+                    assignment.label,
+                    assignment.created_at,
+                    assignment.updated_at,
+                ),
+            )
+        return existed is None
+
+    async def get_number(self, e164: str) -> NumberAssignment | None:
+        row = self.db.execute(
+            "SELECT e164, target, label, created_at, updated_at FROM numbers WHERE e164 = ?",
+            (e164,),
+        ).fetchone()
+        return None if row is None else _number(row)
+
+    async def list_numbers(self) -> list[NumberAssignment]:
+        rows = self.db.execute(
+            "SELECT e164, target, label, created_at, updated_at FROM numbers ORDER BY e164"
+        ).fetchall()
+        return [_number(r) for r in rows]
+
+    async def delete_number(self, e164: str) -> bool:
+        with self._write() as db:
+            return db.execute("DELETE FROM numbers WHERE e164 = ?", (e164,)).rowcount > 0
+
     async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
         rows = self.db.execute(
             "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > ? "
@@ -891,4 +1065,5 @@ class SQLiteStore:
             ).rowcount
             events = db.execute("DELETE FROM events WHERE updated_at < ?", (cutoff,)).rowcount
             db.execute("DELETE FROM removed_registrations WHERE removed_at < ?", (cutoff,))
+            db.execute("DELETE FROM call_actions WHERE updated_at < ?", (cutoff,))
         return PurgeCounts(registrations=regs, events=events, deliveries=deliveries)
