@@ -257,6 +257,20 @@ class Settings(BaseSettings):
     rate_limit_per_client: int = Field(default=600, ge=0)  # requests per minute per address
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the webhook
 
+    # Chat pushes (ringrelay.chat, README "Chat pushes").
+    # What a visible chat notification says: the text travels through Apple's/Google's servers.
+    chat_preview: Literal["full", "sender", "none"] = "full"
+    # Deliver a chat push no later than this after the message (APNs expiration, FCM ttl; FCM
+    # keeps a message at most 28 days).
+    chat_ttl_seconds: int = Field(default=3600, ge=60, le=28 * 86400)
+    # Messages of one thread within this window share one notification entry with a count; 0 off.
+    chat_coalesce_seconds: float = Field(default=0.0, ge=0, le=3600)
+    # "X added you to a chat" for ChatThreadCreatedWithUser / ChatParticipantAddedToThreadWithUser.
+    chat_notify_added: bool = False
+    # Seals the apps' chat keys at rest (AES-256-GCM): base64 of 32 bytes. Without it, `sdk`
+    # registrations are refused.
+    chat_key_encryption_key: SecretStr | None = None
+
     @property
     def registrar_auth_enabled(self) -> bool:
         return self.auth_issuer is not None
@@ -287,6 +301,19 @@ class Settings(BaseSettings):
                 "RINGRELAY_EVENTGRID_TENANT_ID and RINGRELAY_EVENTGRID_AUDIENCE: give both"
             )
         return self
+
+    @field_validator("chat_key_encryption_key")
+    @classmethod
+    def _check_chat_key_encryption_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        from ringrelay.chat.keys import ChatKeyVaultError, parse_master_key
+
+        try:
+            parse_master_key(value.get_secret_value())
+        except ChatKeyVaultError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("nh_connection_string")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from ringrelay.models import Platform, PushKind, Registration, is_raw_id
+from ringrelay.models import ChatFormat, Platform, PushKind, Registration, is_raw_id
 from ringrelay.store import Store
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -71,8 +71,11 @@ def build_registration(
     app_id: str | None,
     ttl_seconds: int,
     now: float | None = None,
+    chat_format: ChatFormat = ChatFormat.NOTIFICATION,
+    sealed_chat_key: str | None = None,
 ) -> Registration:
-    """Validate every field (raising RegistrationError naming the first bad one)."""
+    """Validate every field (raising RegistrationError naming the first bad one). The chat key
+    arrives sealed (ringrelay.chat.keys): the API checks and seals it before this."""
     check_identity(identity)
     check_device_id(device_id)
     check_token(platform, token)
@@ -88,6 +91,8 @@ def build_registration(
         created_at=now,
         updated_at=now,
         expires_at=now + ttl_seconds,
+        chat_format=chat_format,
+        chat_key=sealed_chat_key,
     )
 
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ringrelay.auth.guard import Guard
+from ringrelay.chat.keys import ChatKeyVault, parse_master_key
 from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
@@ -119,6 +120,8 @@ class Relay:
     delivery_description: str
     guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Seals and opens the apps' chat keys; None without RINGRELAY_CHAT_KEY_ENCRYPTION_KEY.
+    chat_keys: ChatKeyVault | None = None
     webhook_in_progress: int = 0  # deliveries being handled now (see webhook_max_concurrent)
 
 
@@ -129,8 +132,17 @@ def make_relay(settings: Settings) -> Relay:
     dispatcher = Dispatcher(
         store, router, metrics, ring_window_seconds=settings.ring_window_seconds
     )
+    master = settings.chat_key_encryption_key
     return Relay(
-        settings, store, router, dispatcher, metrics, sandbox, description, Guard(settings, store)
+        settings,
+        store,
+        router,
+        dispatcher,
+        metrics,
+        sandbox,
+        description,
+        Guard(settings, store),
+        chat_keys=ChatKeyVault(parse_master_key(master.get_secret_value())) if master else None,
     )
 
 

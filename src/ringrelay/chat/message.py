@@ -17,6 +17,7 @@ import orjson
 
 from ringrelay.payloads import PayloadError
 
+CHAT_EVENT_PREFIX = "Microsoft.Communication.Chat"
 CHAT_MESSAGE_RECEIVED = "Microsoft.Communication.ChatMessageReceived"
 CHAT_MESSAGE_RECEIVED_IN_THREAD = "Microsoft.Communication.ChatMessageReceivedInThread"
 CHAT_MESSAGE_EDITED = "Microsoft.Communication.ChatMessageEdited"
