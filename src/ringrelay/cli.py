@@ -196,9 +196,14 @@ async def _post(url: str, payload: bytes) -> tuple[int, Any]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from ringrelay.simulate import incoming_call_event
+    from ringrelay.simulate import chat_message_event, incoming_call_event
 
-    event = incoming_call_event(args.to, args.caller, args.display_name)
+    if args.event == "chat-message":
+        event = chat_message_event(
+            args.to, args.sender, args.text, args.display_name, thread_id=args.thread
+        )
+    else:
+        event = incoming_call_event(args.to, args.caller, args.display_name)
     url = args.server.rstrip("/") + "/api/events"
     secret = args.secret or os.environ.get("RINGRELAY_WEBHOOK_SECRET")
     if secret:
@@ -210,8 +215,14 @@ def _simulate(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
         return 1
-    call_id = event["data"]["correlationId"]
-    print(f"IncomingCall {event['id']} (callId {call_id}) to {args.to}: HTTP {status}")
+    if args.event == "chat-message":
+        print(
+            f"ChatMessageReceived {event['id']} (messageId {event['data']['messageId']}, "
+            f"thread {event['data']['threadId']}) to {args.to}: HTTP {status}"
+        )
+    else:
+        call_id = event["data"]["correlationId"]
+        print(f"IncomingCall {event['id']} (callId {call_id}) to {args.to}: HTTP {status}")
     if not isinstance(answer, dict) or "events" not in answer:
         print(f"  server said: {answer}")
         return 1
@@ -287,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--server", default="http://127.0.0.1:8080")
     call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
     call.set_defaults(func=_simulate)
+    chat = sim_sub.add_parser(
+        "chat-message", help="a Microsoft.Communication.ChatMessageReceived for one recipient"
+    )
+    chat.add_argument("--to", required=True, help="recipient rawId")
+    chat.add_argument(
+        "--from",
+        dest="sender",
+        default="8:acs:00000000-0000-0000-0000-000000000000_sender",
+        help="sender rawId",
+    )
+    chat.add_argument("--text", default="Hello from the ringrelay simulator")
+    chat.add_argument("--display-name", default="ringrelay simulator", help="sender's name")
+    chat.add_argument("--thread", help="thread id (default: a new 19:<hex>@thread.v2)")
+    chat.add_argument("--server", default="http://127.0.0.1:8080")
+    chat.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
+    chat.set_defaults(func=_simulate)
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")
     keys_sub = keys.add_subparsers(dest="action", required=True)
