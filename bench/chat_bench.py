@@ -164,6 +164,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
             f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
             f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
         )
+        budget = int(a.seconds * 4000) + 4000  # more bodies than a fast machine would use
         for devices in (1, 5):
             db = work / f"registry-{devices}.db"
             t0 = time.monotonic()
@@ -191,7 +192,6 @@ async def run(a: Any) -> list[dict[str, Any]]:
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, proc)
-            budget = int(a.seconds * 4000) + 4000  # more bodies than a fast machine would use
             # Bodies are made just before their phase: a call's eventTime must be in the ring.
             for label, make in (
                 ("IncomingCall -> voip", lambda: make_bodies(budget, a.identities)),
