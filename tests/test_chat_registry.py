@@ -17,7 +17,7 @@ import pytest
 
 from ringrelay.models import ChatFormat, Platform, PushKind, Registration
 from ringrelay.store import Store
-from ringrelay.store.sqlite import SQLiteStore
+from ringrelay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.conftest import acs_id, apns_token
 from tests.test_store_contract import _drop_schema, _postgres_store
 
@@ -92,11 +92,17 @@ async def test_store_muted_threads(store: Store) -> None:
     assert not await store.is_thread_muted(ada, "19:t1@thread.v2", NOW)
 
 
+# The version-1 tables that later versions alter (as the first release created them).
 _V1_REGISTRATIONS = """
 CREATE TABLE registrations (
     identity TEXT NOT NULL, device_id TEXT NOT NULL, platform TEXT NOT NULL,
     token TEXT NOT NULL, push_kind TEXT NOT NULL, app_id TEXT, created_at REAL NOT NULL,
     updated_at REAL NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (identity, device_id)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '', correlation_id TEXT, recipient TEXT,
+    received_at REAL NOT NULL, updated_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -122,7 +128,7 @@ async def test_sqlite_upgrades_a_version_1_file(tmp_path: Path) -> None:
         assert await store.is_thread_muted(acs_id("ada"), "19:t@thread.v2", NOW)
     finally:
         await store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 # --- the API over the wire ---------------------------------------------------------------------

@@ -371,7 +371,10 @@ async def test_postgres_ledger_statements_stay_on_indexes_as_the_table_grows() -
         events += [[NOW], [NOW]]
         outcomes = [[f"x{i}" for i in range(10)], ["r"], ["d"], ["accepted"], ['""'], [1]]
         outcomes += [["p"], ["NULL"], ["fp"], [NOW]]
-        arrays = [",".join(map(str, column * (10 // len(column)))) for column in events + outcomes]
+        calls = [["NULL"], ["NULL"], ["NULL"]]  # caller, server_call_id, expires_at
+        arrays = [
+            ",".join(map(str, column * (10 // len(column)))) for column in events + outcomes + calls
+        ]
         execute = "EXECUTE settle(" + ", ".join(f"'{{{a}}}'" for a in arrays) + ")"
         async with store.pool.acquire() as conn:
             await conn.execute(f"PREPARE settle AS {store._SETTLE_BATCH}")

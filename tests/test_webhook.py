@@ -128,6 +128,10 @@ async def test_body_over_one_mib_is_413(http, sandbox_server) -> None:
 
 # --- every fixture ------------------------------------------------------------------------
 
+STOPPING_EVENTS = (
+    "Microsoft.Communication.CallEnded",
+    "Microsoft.Communication.CallParticipantAdded",
+)
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json") if not p.name.startswith("push."))
 
 
@@ -151,6 +155,10 @@ async def test_every_fixture_is_acknowledged_and_classified(http, sandbox_server
             # the field named, never a crash.
             assert report["status"] == "rejected"
             assert "data.incomingCallContext" in report["reason"]
+        elif report["type"] in STOPPING_EVENTS:
+            # Nothing rang for these calls: recorded, and nothing to stop.
+            assert report["status"] == "no_devices", report
+            assert "no device rang for this call" in report["reason"]
         else:
             assert report["status"] == "ignored"
     assert await sandbox_pushes(http, sandbox_server) == []

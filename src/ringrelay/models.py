@@ -39,6 +39,7 @@ class DeliveryStatus(StrEnum):
     CONFIG_ERROR = "config_error"  # our credentials/endpoint are wrong; a retry cannot fix it
     TRANSIENT = "transient"  # may succeed later: Event Grid's retry will push again
     EXPIRED = "expired"  # the ring window ended before it could be delivered
+    CANCELLED = "cancelled"  # no longer wanted: the call stopped ringing before it went out
 
     @property
     def settled(self) -> bool:
@@ -53,6 +54,7 @@ class EventStatus(StrEnum):
     REJECTED = "rejected"  # malformed event
     NO_DEVICES = "no_devices"  # nobody to push to
     IGNORED = "ignored"  # event type we do not handle
+    CANCELLED = "cancelled"  # the call had already stopped ringing: nothing pushed
     MUTED = "muted"  # a chat message in a thread its recipient muted: recorded, not pushed
 
 
@@ -112,3 +114,8 @@ class EventRecord:
     recipient: str | None = None
     received_at: float = 0.0
     deliveries: list[DeliveryOutcome] = field(default_factory=list)
+    # Calls: who called, ACS's second call key, and when the phone stops ringing; a stop push
+    # needs all three, and the call context is never stored.
+    caller: str | None = None
+    server_call_id: str | None = None
+    expires_at: float | None = None

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from ringrelay.delivery.plan import PushContent
+
 # ACSPushNotificationEventType (learn.microsoft.com objectivec/communication-services/calling).
 EVENT_ID_INCOMING_CALL = 107
+EVENT_ID_STOP_RINGING = 110
 EVENT_ID_INCOMING_PSTN_CALL = 111
 
 # Payload ceilings: APNs VoIP 5120 B, APNs alert 4096 B (Apple, "Sending notification requests to
@@ -27,6 +31,28 @@ APNS_VOIP_MAX_BYTES = 5120
 APNS_ALERT_MAX_BYTES = 4096
 FCM_MAX_BYTES = 4096
 NOTIFICATION_HUBS_APNS_MAX_BYTES = 4096
+
+
+def apns_collapse_id(value: str) -> str:
+    """Apple: `apns-collapse-id` at most 64 bytes; a longer id is sent as its SHA-256 (hex)."""
+    if len(value.encode()) <= 64:
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def apns_size_error(body: bytes, voip: bool) -> str | None:
+    """Apple refuses larger bodies (413 PayloadTooLarge): found before sending."""
+    limit = APNS_VOIP_MAX_BYTES if voip else APNS_ALERT_MAX_BYTES
+    return f"payload {len(body)} bytes exceeds APNs' {limit}" if len(body) > limit else None
+
+
+def fcm_size_error(message: dict[str, Any]) -> str | None:
+    """FCM's limit is on the data's keys and values (and a notification's text)."""
+    data = message.get("data") or {}
+    size = sum(len(k.encode()) + len(str(v).encode()) for k, v in data.items())
+    note = message.get("notification") or {}
+    size += sum(len(str(v).encode()) for v in note.values())
+    return f"data {size} bytes exceeds FCM's {FCM_MAX_BYTES}" if size > FCM_MAX_BYTES else None
 
 
 class PayloadError(ValueError):
@@ -61,6 +87,41 @@ class CallPush:
     def string_data(self) -> dict[str, str]:
         """The same dictionary with every value a string: FCM `data` is a map<string,string>."""
         return {k: str(v) for k, v in self.data().items()}
+
+    # PushContent (delivery/plan.py)
+    @property
+    def label(self) -> str:
+        return "stop" if self.event_id == EVENT_ID_STOP_RINGING else "call"
+
+    @property
+    def collapse_id(self) -> str | None:
+        # A stop replaces a ring of the same call still held by APNs/FCM for an offline phone.
+        return self.call_id if self.event_id == EVENT_ID_STOP_RINGING else None
+
+    def apns_payload(self) -> dict[str, Any]:
+        """`{"aps": {}, "data": {...}}` as Microsoft's sample sends it; NH needs `aps`."""
+        return {"aps": {}, "data": self.data()}
+
+    def fcm_message(self, seconds_left: float) -> dict[str, Any]:
+        """A high-priority data-only message living no longer than the ring."""
+        android: dict[str, Any] = {"priority": "HIGH", "ttl": fcm_ttl(seconds_left)}
+        if self.event_id == EVENT_ID_STOP_RINGING:
+            android["collapse_key"] = self.call_id
+        return {"data": self.string_data(), "android": android}
+
+
+def stop_ringing_push(record_call_id: str, recipient_id: str, caller_id: str) -> CallPush:
+    """The StopRinging (110) push: the ring's keys with `eventId` 110. The call context is never
+    stored, so `cp` is empty: the app ends the call by `callId` (README, "Ring lifecycle")."""
+    return CallPush(
+        event_id=EVENT_ID_STOP_RINGING,
+        cp="",
+        call_id=record_call_id,
+        recipient_id=recipient_id,
+        caller_id=caller_id,
+        display_name="",
+        video_call=False,
+    )
 
 
 def _b64url_decode(segment: str, field: str) -> bytes:
@@ -141,9 +202,8 @@ def call_push_from_incoming_call(data: object) -> CallPush:
 # --- platform bodies -------------------------------------------------------------------------
 
 
-def apns_voip_body(call: CallPush) -> dict[str, Any]:
-    """`{"aps": {}, "data": {...}}` as Microsoft's sample sends it; `aps` must be present for NH."""
-    return {"aps": {}, "data": call.data()}
+def apns_voip_body(content: PushContent) -> dict[str, Any]:
+    return content.apns_payload()
 
 
 def fcm_ttl(seconds_left: float) -> str:
@@ -151,18 +211,17 @@ def fcm_ttl(seconds_left: float) -> str:
     return f"{max(0, math.ceil(seconds_left))}s"
 
 
-def fcm_v1_message(call: CallPush, seconds_left: float, token: str | None = None) -> dict[str, Any]:
-    """FCM HTTP v1 send body: a high-priority data-only message living no longer than the ring."""
-    message: dict[str, Any] = {
-        "data": call.string_data(),
-        "android": {"priority": "HIGH", "ttl": fcm_ttl(seconds_left)},
-    }
+def fcm_v1_message(
+    content: PushContent, seconds_left: float, token: str | None = None
+) -> dict[str, Any]:
+    """FCM HTTP v1 send body: `{"message": {..., "token": …}}`."""
+    message = content.fcm_message(seconds_left)
     if token is not None:
         message["token"] = token
     return {"message": message}
 
 
-def gcm_legacy_body(call: CallPush, seconds_left: float) -> dict[str, Any]:
+def gcm_legacy_body(call: PushContent, seconds_left: float) -> dict[str, Any]:
     return {
         "data": call.string_data(),
         "priority": "high",
@@ -170,16 +229,16 @@ def gcm_legacy_body(call: CallPush, seconds_left: float) -> dict[str, Any]:
     }
 
 
-def adm_body(call: CallPush, seconds_left: float) -> dict[str, Any]:
+def adm_body(call: PushContent, seconds_left: float) -> dict[str, Any]:
     # Amazon Device Messaging: data map of strings, expiresAfter in seconds.
     return {"data": call.string_data(), "expiresAfter": max(1, math.ceil(seconds_left))}
 
 
-def baidu_body(call: CallPush) -> dict[str, Any]:
+def baidu_body(call: PushContent) -> dict[str, Any]:
     return {"custom_content": call.string_data()}
 
 
-def wns_raw_body(call: CallPush) -> dict[str, Any]:
+def wns_raw_body(call: PushContent) -> dict[str, Any]:
     # The Windows SDK's PushNotificationDetails.Parse format is not public; a raw notification
     # carrying the same dictionary is what the app hands to it.
     return call.data()

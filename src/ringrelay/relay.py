@@ -13,6 +13,7 @@ from ringrelay.chat.keys import ChatKeyVault, parse_master_key
 from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
+from ringrelay.events.table import event_kinds
 from ringrelay.metrics import Metrics
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
@@ -129,10 +130,15 @@ def make_relay(settings: Settings) -> Relay:
     metrics = Metrics()
     store = open_store(settings.database_url)
     router, sandbox, description = build_router(settings)
-    dispatcher = Dispatcher(
-        store, router, metrics, ring_window_seconds=settings.ring_window_seconds
-    )
     master = settings.chat_key_encryption_key
+    chat_keys = ChatKeyVault(parse_master_key(master.get_secret_value())) if master else None
+    dispatcher = Dispatcher(
+        store,
+        router,
+        metrics,
+        ring_window_seconds=settings.ring_window_seconds,
+        kinds=event_kinds(settings, chat_keys),
+    )
     return Relay(
         settings,
         store,
@@ -142,7 +148,7 @@ def make_relay(settings: Settings) -> Relay:
         sandbox,
         description,
         Guard(settings, store),
-        chat_keys=ChatKeyVault(parse_master_key(master.get_secret_value())) if master else None,
+        chat_keys=chat_keys,
     )
 
 

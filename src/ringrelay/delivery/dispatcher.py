@@ -12,21 +12,22 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringrelay.delivery.plan import Decision, PushPlan
 from ringrelay.delivery.router import ProviderRouter
-from ringrelay.events.ingest import INCOMING_CALL, Event
+from ringrelay.events.ingest import Event
+from ringrelay.events.kind import Context, EventKind, StoppedCalls
 from ringrelay.metrics import Metrics
 from ringrelay.models import (
     DeliveryOutcome,
     DeliveryStatus,
     EventRecord,
     EventStatus,
-    PushKind,
     Registration,
 )
-from ringrelay.payloads import CallPush, PayloadError, call_push_from_incoming_call
 from ringrelay.providers import PushRequest, PushResult
 from ringrelay.redact import fingerprint
 from ringrelay.store import Claim, Store
@@ -96,6 +97,9 @@ class InFlightLimit:
 
 
 class Dispatcher:
+    """Executes what the event kinds decide: claims in the ledger, every device at once, retries
+    inside the plan's window and the webhook's deadline, outcomes recorded, dead tokens pruned."""
+
     def __init__(
         self,
         store: Store,
@@ -103,24 +107,38 @@ class Dispatcher:
         metrics: Metrics,
         *,
         ring_window_seconds: float,
+        kinds: dict[str, EventKind] | None = None,
     ) -> None:
         self.store = store
         self.router = router
         self.metrics = metrics
         self.ring_window = ring_window_seconds
+        self.kinds = kinds if kinds is not None else {}
+        self.stopped = StoppedCalls()
         # Single flight: a duplicate delivery of an event being handled in this process waits
         # for the first instead of racing it.
         self._inflight: dict[str, asyncio.Future[EventReport]] = {}
+        # Plans being pushed now, by call: a stop of the call waits for them.
+        self._pushing: dict[str, list[asyncio.Future[None]]] = {}
         self._limits: dict[int, InFlightLimit] = {
             id(p): InFlightLimit(p.max_in_flight) for p in router.providers()
         }
 
+    def context(self, received_at: float, deadline: float) -> Context:
+        return Context(
+            self.store, self.ring_window, received_at, deadline, self.stopped, self._pushes_of
+        )
+
+    def _pushes_of(self, call_id: str) -> list[Awaitable[object]]:
+        return list(self._pushing.get(call_id, ()))
+
     async def handle(self, event: Event, received_at: float, deadline: float) -> EventReport:
+        kind = None if event.error else self.kinds.get(event.type)
         if event.error:
             report = EventReport(event.id, event.type, EventStatus.REJECTED, event.error)
             await self._record(report, received_at)
-        elif event.type == INCOMING_CALL:
-            report = await self._single_flight(event, received_at, deadline)
+        elif kind is not None:
+            report = await self._single_flight(event, kind, received_at, deadline)
         else:
             report = EventReport(
                 event.id, event.type, EventStatus.IGNORED, "event type not handled"
@@ -129,7 +147,7 @@ class Dispatcher:
         return report
 
     async def _single_flight(
-        self, event: Event, received_at: float, deadline: float
+        self, event: Event, kind: EventKind, received_at: float, deadline: float
     ) -> EventReport:
         running = self._inflight.get(event.id)
         if running is not None:
@@ -137,7 +155,8 @@ class Dispatcher:
         future: asyncio.Future[EventReport] = asyncio.get_running_loop().create_future()
         self._inflight[event.id] = future
         try:
-            report = await self._incoming_call(event, received_at, deadline)
+            decision = await kind.decide(event, self.context(received_at, deadline))
+            report = await self.execute(decision, received_at, deadline)
             future.set_result(report)
             return report
         except BaseException as exc:
@@ -147,8 +166,62 @@ class Dispatcher:
         finally:
             del self._inflight[event.id]
 
+    async def execute(self, decision: Decision, received_at: float, deadline: float) -> EventReport:
+        """Push every plan of `decision` (at once) and record the event with their outcome."""
+        record = decision.record
+        report = EventReport(
+            record.event_id,
+            record.event_type,
+            record.status,
+            record.reason,
+            correlation_id=record.correlation_id,
+            recipient=record.recipient,
+        )
+        plans = decision.plans
+        if not plans:
+            await self._record_event(record, received_at)
+            if record.status is not EventStatus.IGNORED:
+                log.info("event %s %s: %s", record.event_id, record.status.value, record.reason)
+            return report
+        if len(plans) == 1:  # the common case: no task of its own
+            results = [await self._execute_tracked(plans[0], deadline)]
+        else:
+            results = list(
+                await asyncio.gather(*(self._execute_tracked(p, deadline) for p in plans))
+            )
+        pending = False
+        for outcomes, busy in results:
+            report.deliveries += outcomes
+            pending = pending or busy
+        if len(plans) == 1 and plans[0].record is record:
+            report.status, report.reason = record.status, record.reason
+            return report
+        report.status = _event_status(report.deliveries, pending)
+        if pending:
+            report.reason = "some devices are still in flight; retry"
+        record.status, record.reason = report.status, report.reason or record.reason
+        await self._record_event(record, time.time())
+        return report
+
+    async def _execute_tracked(
+        self, plan: PushPlan, deadline: float
+    ) -> tuple[list[DeliveryOutcome], bool]:
+        call_id = plan.record.correlation_id
+        if call_id is None:
+            return await self._execute_plan(plan, deadline)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pushing.setdefault(call_id, []).append(done)
+        try:
+            return await self._execute_plan(plan, deadline)
+        finally:
+            done.set_result(None)
+            running = self._pushing[call_id]
+            running.remove(done)
+            if not running:
+                del self._pushing[call_id]
+
     async def _record(self, report: EventReport, now: float) -> None:
-        await self.store.record_event(
+        await self._record_event(
             EventRecord(
                 report.event_id,
                 report.event_type,
@@ -161,71 +234,61 @@ class Dispatcher:
             now,
         )
 
-    async def _incoming_call(
-        self, event: Event, received_at: float, deadline: float
-    ) -> EventReport:
-        try:
-            call = call_push_from_incoming_call(event.data)
-        except PayloadError as exc:
-            report = EventReport(event.id, event.type, EventStatus.REJECTED, str(exc))
-            await self._record(report, received_at)
-            log.info("event %s rejected: %s", event.id, exc)
-            return report
+    async def _record_event(self, record: EventRecord, now: float) -> None:
+        if not record.received_at:
+            record.received_at = now
+        await self.store.record_event(record, now)
 
-        report = EventReport(
-            event.id,
-            event.type,
-            EventStatus.PENDING,
-            correlation_id=call.call_id,
-            recipient=call.recipient_id,
-        )
-        ring_ends_at = (event.time if event.time is not None else received_at) + self.ring_window
+    async def _execute_plan(
+        self, plan: PushPlan, deadline: float
+    ) -> tuple[list[DeliveryOutcome], bool]:
+        """One plan: returns every device's outcome and whether any is still unsettled."""
+        record = plan.record
         now = time.time()
-        record = EventRecord(
-            event.id, event.type, EventStatus.PENDING, "", call.call_id, call.recipient_id, now
-        )
         # The lease outlives this request's deadline a little, so a crashed process's claims are
         # taken over by the next delivery attempt, and a live one's are not.
-        targets, claim = await self.store.claim_callee(
-            record, call.recipient_id, PushKind.VOIP, now, lease_until=deadline + 5
-        )
-        if not targets:
-            report.status = EventStatus.NO_DEVICES
-            report.reason = "no live VoIP registration for the callee"
-            await self._record(report, now)
-            return report
+        if plan.targets is None:
+            targets, claim = await self.store.claim_callee(
+                record, plan.identity, plan.kind, now, lease_until=deadline + 5
+            )
+        else:
+            targets = plan.targets
+            claim = (
+                await self.store.claim_deliveries(record, targets, now, lease_until=deadline + 5)
+                if targets
+                else Claim()
+            )
+        if not targets and not plan.waiting:
+            record.status = EventStatus.NO_DEVICES
+            record.reason = plan.no_targets_reason
+            await self._record_event(record, now)
+            return [], False
 
-        if now >= ring_ends_at:
+        if now >= plan.expires_at:
             outcomes = [
-                self._outcome(reg, DeliveryStatus.EXPIRED, "ring window ended", claim)
+                self._outcome(reg, DeliveryStatus.EXPIRED, plan.expired_reason, claim)
                 for reg in claim.to_send
             ]
             # A redelivery of a call that was pushed in time keeps its earlier outcomes.
-            report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
+            busy = bool(claim.busy or plan.waiting)
+            record.status = _event_status([*outcomes, *claim.settled], busy)
             if outcomes:
-                report.reason = (
-                    f"event time is {now - ring_ends_at + self.ring_window:.0f}s old, "
-                    f"past the {self.ring_window:.0f}s ring window"
-                )
+                record.reason = plan.expired_reason
         else:
-            stop_at = min(deadline, ring_ends_at)
-            pushes = [
-                self._push_with_retries(reg, call, event.id, ring_ends_at, stop_at, claim)
-                for reg in claim.to_send
-            ]
+            stop_at = min(deadline, plan.expires_at)
+            pushes = [self._push_with_retries(reg, plan, stop_at, claim) for reg in claim.to_send]
             # Every device at once; a lone device needs no task of its own.
             outcomes = (
                 [await pushes[0]] if len(pushes) == 1 else list(await asyncio.gather(*pushes))
             )
-            report.status = _event_status([*outcomes, *claim.settled], bool(claim.busy))
-            if claim.busy:
-                report.reason = f"{len(claim.busy)} device(s) in flight under another claim"
+            busy = bool(claim.busy or plan.waiting)
+            record.status = _event_status([*outcomes, *claim.settled], busy)
+            if claim.busy or plan.waiting:
+                held = len(claim.busy) + len(plan.waiting)
+                record.reason = f"{held} device(s) in flight under another claim"
 
-        report.deliveries = [*outcomes, *claim.settled, *claim.busy]
-        record.status = report.status
-        record.reason = report.reason
         await self._settle(record, outcomes, deadline)
-        return report
+        return [*outcomes, *claim.settled, *claim.busy, *plan.waiting], busy
 
     async def _settle(
         self, record: EventRecord, outcomes: list[DeliveryOutcome], deadline: float
@@ -267,13 +330,7 @@ class Dispatcher:
         )
 
     async def _push_with_retries(
-        self,
-        reg: Registration,
-        call: CallPush,
-        event_id: str,
-        ring_ends_at: float,
-        stop_at: float,
-        claim: Claim,
+        self, reg: Registration, plan: PushPlan, stop_at: float, claim: Claim
     ) -> DeliveryOutcome:
         provider = self.router.for_registration(reg)
         if provider is None:
@@ -285,12 +342,17 @@ class Dispatcher:
                 claim,
             )
         limit = self._limits[id(provider)]
+        content = plan.content if plan.content_for is None else plan.content_for(reg)
+        ends_at = plan.expires_at
         push_id = str(uuid.uuid4())
         attempts = 0
         result = PushResult(DeliveryStatus.TRANSIENT, "not attempted")
         while attempts < MAX_ATTEMPTS_PER_DELIVERY:
             remaining = stop_at - time.time()
             if remaining <= 0:
+                break
+            if attempts and plan.cancelled is not None and await plan.cancelled():
+                result = PushResult(DeliveryStatus.CANCELLED, "the call stopped ringing")
                 break
             attempts += 1
             started = time.perf_counter()
@@ -303,7 +365,7 @@ class Dispatcher:
                 limit.count += 1
                 try:
                     result = await provider.send(
-                        PushRequest(push_id, reg, call, ring_ends_at, remaining, event_id)
+                        PushRequest(push_id, reg, content, ends_at, remaining, plan.record.event_id)
                     )
                 finally:
                     limit.count -= 1
@@ -327,11 +389,10 @@ class Dispatcher:
         status, reason = result.status, result.reason
         # When the ring ends before our deadline, a later retry (Event Grid's included) would
         # come too late: the push is expired, not pending.
-        if status is DeliveryStatus.TRANSIENT and (
-            ring_ends_at <= stop_at or time.time() >= ring_ends_at
-        ):
-            status, reason = DeliveryStatus.EXPIRED, f"ring window ended; last error: {reason}"
-        if status is not DeliveryStatus.ACCEPTED:
+        if status is DeliveryStatus.TRANSIENT and (ends_at <= stop_at or time.time() >= ends_at):
+            status = DeliveryStatus.EXPIRED
+            reason = f"{plan.window} ended; last error: {reason}"
+        if status not in (DeliveryStatus.ACCEPTED, DeliveryStatus.CANCELLED):
             log.warning(
                 "push %s to %s device %s (%s, token %s) %s after %d attempt(s): %s",
                 push_id,

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ringrelay.chat import sdk_format
 from ringrelay.chat.bursts import ThreadBursts
@@ -38,10 +36,13 @@ from ringrelay.chat.message import (
 )
 from ringrelay.chat.notification import Preview, added_notice, collapse_id, message_notice
 from ringrelay.config import Settings
+from ringrelay.delivery.plan import Decision, PushPlan
+from ringrelay.events.incoming_call import event_time
 from ringrelay.events.ingest import Event
+from ringrelay.events.kind import Context
 from ringrelay.models import ChatFormat, EventRecord, EventStatus, Platform, PushKind, Registration
 from ringrelay.payloads import PayloadError
-from ringrelay.store import Store
+from ringrelay.redact import fingerprint
 
 log = logging.getLogger("ringrelay.chat")
 
@@ -57,82 +58,69 @@ ANDROID = (Platform.FCM, Platform.GCM)
 ChatContent = ChatNotificationContent | ChatSdkContent
 
 
-@dataclass(slots=True)
-class ChatFinal:
-    """No push: the event is recorded with this status."""
-
-    status: EventStatus
-    reason: str
-    message_id: str | None = None
-    recipient: str | None = None
-
-
-@dataclass(slots=True)
-class ChatPush:
-    """Push `content_for(reg)` to each of `targets`, no later than `expires_at`."""
-
-    record: EventRecord
-    identity: str
-    targets: list[Registration]
-    content: ChatContent  # what a device without a content of its own gets
-    content_for: Callable[[Registration], ChatContent]
-    expires_at: float
-    unusable: list[tuple[Registration, str]] = field(default_factory=list)  # (device, why)
-
-
 class ChatEvents:
     """Decides what a chat event becomes; the dispatcher executes the pushes."""
 
     event_types = CHAT_EVENT_TYPES
 
-    def __init__(self, store: Store, settings: Settings, keys: ChatKeyVault | None) -> None:
-        self.store = store
+    def __init__(self, settings: Settings, keys: ChatKeyVault | None) -> None:
         self.keys = keys
         self.preview: Preview = settings.chat_preview
         self.ttl = float(settings.chat_ttl_seconds)
         self.notify_added = settings.chat_notify_added
         self.bursts = ThreadBursts(settings.chat_coalesce_seconds)
 
-    async def decide(self, event: Event, received_at: float) -> ChatFinal | ChatPush:
+    async def decide(self, event: Event, ctx: Context) -> Decision:
         try:
             if event.type in (CHAT_MESSAGE_RECEIVED, CHAT_MESSAGE_EDITED, CHAT_MESSAGE_DELETED):
-                return await self._message(event, received_at)
+                return await self._message(event, ctx)
             if event.type == CHAT_MESSAGE_RECEIVED_IN_THREAD:
-                return ChatFinal(
+                return Decision.final(
+                    event.id,
+                    event.type,
                     EventStatus.IGNORED,
                     "thread-level copy; each recipient is pushed from ChatMessageReceived",
                 )
-            return await self._added(event, received_at)
+            return await self._added(event, ctx)
         except PayloadError as exc:
-            log.info("event %s rejected: %s", event.id, exc)
-            return ChatFinal(EventStatus.REJECTED, str(exc))
+            return Decision.final(event.id, event.type, EventStatus.REJECTED, str(exc))
 
-    def _expires_at(self, event: Event, received_at: float) -> float:
-        return (event.time if event.time is not None else received_at) + self.ttl
+    def _expires_at(self, event: Event, ctx: Context) -> float:
+        return event_time(event, ctx.received_at) + self.ttl
 
-    async def _message(self, event: Event, received_at: float) -> ChatFinal | ChatPush:
+    async def _message(self, event: Event, ctx: Context) -> Decision:
         msg = chat_message_from_event(event.type, event.data)
-        final = ChatFinal(EventStatus.IGNORED, "", msg.message_id, msg.recipient_id)
+        record = EventRecord(
+            event.id,
+            event.type,
+            EventStatus.IGNORED,
+            "",
+            # Recorded under the message id, where a call keeps its callId: /v1/messages/{id}.
+            correlation_id=msg.message_id,
+            recipient=msg.recipient_id,
+            received_at=ctx.received_at,
+        )
+        final = Decision(record)
         if msg.from_self:
-            final.reason = "the recipient is the message's sender: never pushed"
+            record.reason = "the recipient is the message's sender: never pushed"
             return final
         now = time.time()
-        if await self.store.is_thread_muted(msg.recipient_id, msg.thread_id, now):
-            final.status, final.reason = EventStatus.MUTED, "the recipient muted this thread"
+        if await ctx.store.is_thread_muted(msg.recipient_id, msg.thread_id, now):
+            record.status, record.reason = EventStatus.MUTED, "the recipient muted this thread"
             return final
-        targets = await self.store.push_targets(msg.recipient_id, PushKind.ALERT, now)
+        targets = await ctx.store.push_targets(msg.recipient_id, PushKind.ALERT, now)
         if event.type != CHAT_MESSAGE_RECEIVED:
             targets = [
                 r for r in targets if r.chat_format is ChatFormat.SDK and r.platform in ANDROID
             ]
             if not targets:
-                final.reason = (
+                record.reason = (
                     "edits and deletes go only to Android devices in the Chat SDK format; "
                     "the recipient has none"
                 )
                 return final
         if not targets:
-            final.status, final.reason = EventStatus.NO_DEVICES, "no live alert registration"
+            record.status, record.reason = EventStatus.NO_DEVICES, "no live alert registration"
             return final
         count = 1
         if event.type == CHAT_MESSAGE_RECEIVED:
@@ -145,18 +133,25 @@ class ChatEvents:
             CHAT_MESSAGE_DELETED: sdk_format.EVENT_ID_MESSAGE_DELETED,
         }[event.type]
         plaintext = sdk_plaintext(msg)
+        # Keys are opened here, before anything is claimed: a key that does not open (the
+        # encryption key was changed) leaves its device out, said in the event's reason and log.
         keys: dict[tuple[str, str], bytes] = {}
         usable: list[Registration] = []
-        unusable: list[tuple[Registration, str]] = []
+        skipped: list[str] = []
         for reg in targets:
-            if reg.chat_format is not ChatFormat.SDK:
-                usable.append(reg)
-                continue
-            try:
-                keys[(reg.identity, reg.device_id)] = self._open_key(reg)
-            except ChatKeyVaultError as exc:
-                unusable.append((reg, f"chat key unusable: {exc}"))
-                continue
+            if reg.chat_format is ChatFormat.SDK:
+                try:
+                    keys[(reg.identity, reg.device_id)] = self._open_key(reg)
+                except ChatKeyVaultError as exc:
+                    log.warning(
+                        "chat push to %s device %s (token %s) skipped: chat key: %s",
+                        reg.identity,
+                        reg.device_id,
+                        fingerprint(reg.token),
+                        exc,
+                    )
+                    skipped.append(reg.device_id)
+                    continue
             usable.append(reg)
 
         def content_for(reg: Registration) -> ChatContent:
@@ -165,24 +160,22 @@ class ChatEvents:
                 return notification
             return sdk_content(sdk_event_id, plaintext, key, collapse)
 
-        record = EventRecord(
-            event.id,
-            event.type,
-            EventStatus.PENDING,
-            "",
-            correlation_id=msg.message_id,
-            recipient=msg.recipient_id,
-            received_at=received_at,
-        )
-        return ChatPush(
+        record.status = EventStatus.PENDING
+        if skipped:
+            record.reason = f"skipped, chat key unusable: {', '.join(sorted(skipped))}"
+        plan = PushPlan(
             record,
             msg.recipient_id,
-            usable,
+            PushKind.ALERT,
             notification,
-            content_for,
-            self._expires_at(event, received_at),
-            unusable,
+            self._expires_at(event, ctx),
+            targets=usable,
+            content_for=content_for,
+            no_targets_reason=record.reason or "no live alert registration",
+            window="chat TTL",
+            expired_reason="older than RINGRELAY_CHAT_TTL_SECONDS: not pushed",
         )
+        return Decision(record, [plan])
 
     def _open_key(self, reg: Registration) -> bytes:
         if self.keys is None:
@@ -199,45 +192,50 @@ class ChatEvents:
             fields["count"] = str(count)
         return ChatNotificationContent(message_notice(msg, self.preview, count), collapse, fields)
 
-    async def _added(self, event: Event, received_at: float) -> ChatFinal | ChatPush:
+    async def _added(self, event: Event, ctx: Context) -> Decision:
         if not self.notify_added:
-            return ChatFinal(EventStatus.IGNORED, "off (RINGRELAY_CHAT_NOTIFY_ADDED)")
+            return Decision.final(
+                event.id, event.type, EventStatus.IGNORED, "off (RINGRELAY_CHAT_NOTIFY_ADDED)"
+            )
         added = added_to_thread_from_event(event.type, event.data)
-        final = ChatFinal(EventStatus.IGNORED, "", None, added.recipient_id)
+        record = EventRecord(
+            event.id,
+            event.type,
+            EventStatus.IGNORED,
+            "",
+            recipient=added.recipient_id,
+            received_at=ctx.received_at,
+        )
+        final = Decision(record)
         if added.actor_id == added.recipient_id:
-            final.reason = "the recipient did it: never pushed"
+            record.reason = "the recipient did it: never pushed"
             return final
         now = time.time()
-        if await self.store.is_thread_muted(added.recipient_id, added.thread_id, now):
-            final.status, final.reason = EventStatus.MUTED, "the recipient muted this thread"
+        if await ctx.store.is_thread_muted(added.recipient_id, added.thread_id, now):
+            record.status, record.reason = EventStatus.MUTED, "the recipient muted this thread"
             return final
         targets = [
             r
-            for r in await self.store.push_targets(added.recipient_id, PushKind.ALERT, now)
+            for r in await ctx.store.push_targets(added.recipient_id, PushKind.ALERT, now)
             if r.chat_format is ChatFormat.NOTIFICATION
         ]
         if not targets:
-            final.status = EventStatus.NO_DEVICES
-            final.reason = "no live alert registration in the notification format"
+            record.status = EventStatus.NO_DEVICES
+            record.reason = "no live alert registration in the notification format"
             return final
         collapse = collapse_id(added.thread_id)
         content = ChatNotificationContent(
             added_notice(added, self.preview), collapse, {"threadId": added.thread_id}
         )
-        record = EventRecord(
-            event.id,
-            event.type,
-            EventStatus.PENDING,
-            "",
-            correlation_id=None,
-            recipient=added.recipient_id,
-            received_at=received_at,
-        )
-        return ChatPush(
+        record.status = EventStatus.PENDING
+        plan = PushPlan(
             record,
             added.recipient_id,
-            targets,
+            PushKind.ALERT,
             content,
-            lambda _reg: content,
-            self._expires_at(event, received_at),
+            self._expires_at(event, ctx),
+            targets=targets,
+            window="chat TTL",
+            expired_reason="older than RINGRELAY_CHAT_TTL_SECONDS: not pushed",
         )
+        return Decision(record, [plan])

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ringrelay.delivery.plan import PushContent
 from ringrelay.models import DeliveryStatus, Platform, Registration
-from ringrelay.payloads import CallPush
 
 
 @dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
 class PushRequest:
     push_id: str  # our UUID for this attempt series; sent as apns-id where the transport allows
     registration: Registration
-    call: CallPush
+    content: PushContent
     expires_at: float  # unix time at which the phone stops ringing: never deliver after it
     timeout: float  # seconds this attempt may take
     event_id: str = ""

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ringrelay.models import DeliveryStatus, Platform, PushKind
-from ringrelay.payloads import APNS_ALERT_MAX_BYTES, APNS_VOIP_MAX_BYTES, apns_voip_body, encode
+from ringrelay.payloads import apns_collapse_id, apns_size_error, encode
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
 from ringrelay.providers.h2client import (
     H2ConnectionLost,
@@ -256,17 +256,24 @@ class ApnsProvider:
                 # never").
                 header_field(b"apns-expiration", b"%d" % int(request.expires_at), sensitive=True),
                 header_field(b"apns-id", request.push_id.encode(), sensitive=True),
+                self._collapse(request.content.collapse_id),
             )
+        )
+
+    @staticmethod
+    def _collapse(collapse_id: str | None) -> bytes:
+        if collapse_id is None:
+            return b""
+        return header_field(
+            b"apns-collapse-id", apns_collapse_id(collapse_id).encode(), sensitive=True
         )
 
     async def send(self, request: PushRequest) -> PushResult:
         voip = request.registration.push_kind is PushKind.VOIP
-        body = encode(apns_voip_body(request.call))
-        limit = APNS_VOIP_MAX_BYTES if voip else APNS_ALERT_MAX_BYTES
-        if len(body) > limit:
-            return PushResult(
-                DeliveryStatus.REJECTED, f"payload {len(body)} bytes exceeds APNs' {limit}"
-            )
+        body = encode(request.content.apns_payload())
+        too_large = apns_size_error(body, voip)
+        if too_large is not None:
+            return PushResult(DeliveryStatus.REJECTED, too_large)
         renewed = False
         while True:
             now = time.time()

@@ -29,7 +29,7 @@ from google.auth.transport.urllib3 import Request as Urllib3Request
 from google.oauth2 import service_account
 
 from ringrelay.models import DeliveryStatus, Platform
-from ringrelay.payloads import FCM_MAX_BYTES, fcm_v1_message
+from ringrelay.payloads import FCM_MAX_BYTES, fcm_size_error, fcm_v1_message
 from ringrelay.providers import PushRequest, PushResult, parse_retry_after
 from ringrelay.providers.h2client import (
     H2ConnectionLost,
@@ -211,16 +211,13 @@ class FcmProvider:
 
     async def send(self, request: PushRequest) -> PushResult:
         reg = request.registration
-        body = fcm_v1_message(request.call, request.expires_at - time.time(), reg.token)
+        body = fcm_v1_message(request.content, request.expires_at - time.time(), reg.token)
         payload = orjson.dumps(body)
         # FCM's limit is on the data's keys and values: within it whenever the whole message is.
         if len(payload) > FCM_MAX_BYTES:
-            data = body["message"]["data"]
-            size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
-            if size > FCM_MAX_BYTES:
-                return PushResult(
-                    DeliveryStatus.REJECTED, f"data {size} bytes exceeds FCM's {FCM_MAX_BYTES}"
-                )
+            too_large = fcm_size_error(body["message"])
+            if too_large is not None:
+                return PushResult(DeliveryStatus.REJECTED, too_large)
         for attempt in (1, 2):
             try:
                 authorization = await self.token.header()

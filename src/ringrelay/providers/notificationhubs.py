@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
 from ringrelay.config import NotificationHubsConnection
-from ringrelay.models import DeliveryStatus, Platform
+from ringrelay.models import DeliveryStatus, Platform, PushKind
 from ringrelay.payloads import (
     NOTIFICATION_HUBS_APNS_MAX_BYTES,
     adm_body,
-    apns_voip_body,
+    apns_collapse_id,
     baidu_body,
     encode,
     fcm_v1_message,
@@ -91,7 +91,7 @@ def _w3c_datetime(ts: int) -> str:
 def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str], bytes]:
     """Headers (without Authorization) and body for one direct send."""
     reg = request.registration
-    call = request.call
+    call = request.content
     seconds_left = request.expires_at - now
     headers = {
         "ServiceBusNotification-Format": FORMATS[reg.platform],
@@ -100,19 +100,22 @@ def build_direct_send(request: PushRequest, now: float) -> tuple[dict[str, str],
     }
     body: dict[str, Any]
     if reg.platform is Platform.APNS:
-        body = apns_voip_body(call)
+        body = call.apns_payload()
+        push_type = "voip" if reg.push_kind is PushKind.VOIP else "alert"
         headers.update(
             {
                 # The ACS tutorial's header and the raw APNs one NH passes through; VoIP must be
                 # explicit or NH infers `alert` (learn.microsoft.com notification-hubs/voip-apns).
-                "ServiceBusNotification-Apns-Push-Type": "voip",
-                "apns-push-type": "voip",
+                "ServiceBusNotification-Apns-Push-Type": push_type,
+                "apns-push-type": push_type,
                 "apns-priority": "10",
                 "apns-expiration": str(int(request.expires_at)),
                 "ServiceBusNotification-Apns-Expiry": _w3c_datetime(int(request.expires_at)),
                 "apns-id": request.push_id,
             }
         )
+        if call.collapse_id is not None:
+            headers["apns-collapse-id"] = apns_collapse_id(call.collapse_id)
     elif reg.platform is Platform.FCM:
         body = fcm_v1_message(call, seconds_left)
     elif reg.platform is Platform.GCM:

@@ -1,4 +1,8 @@
-"""Sandbox: renders the exact request the direct transport would send, records it, sends nothing."""
+"""Sandbox: renders the exact request the direct transport would send, records it, sends nothing.
+
+It refuses what that transport would refuse for its size (APNs 5,120 B VoIP / 4,096 B alert,
+FCM 4,096 B of data), so "accepted" in the sandbox means the real transport would take it too.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import collections
 import time
 from typing import Any
 
-from ringrelay.models import DeliveryStatus, Platform
+from ringrelay.models import DeliveryStatus, Platform, PushKind
 from ringrelay.payloads import (
-    CallPush,
     adm_body,
-    apns_voip_body,
+    apns_collapse_id,
+    apns_size_error,
     baidu_body,
+    encode,
+    fcm_size_error,
     fcm_v1_message,
     gcm_legacy_body,
     wns_raw_body,
@@ -23,25 +29,29 @@ from ringrelay.redact import fingerprint
 def render_request(request: PushRequest, now: float) -> dict[str, Any]:
     """What would go on the wire for this registration's platform (token shown as a fingerprint)."""
     reg = request.registration
-    call: CallPush = request.call
+    content = request.content
     seconds_left = request.expires_at - now
     token_fp = fingerprint(reg.token)
     if reg.platform is Platform.APNS:
-        topic = f"{reg.app_id}.voip" if reg.app_id else "<bundle id>.voip"
+        voip = reg.push_kind is PushKind.VOIP
+        bundle = reg.app_id or "<bundle id>"
+        headers = {
+            "apns-push-type": "voip" if voip else "alert",
+            "apns-topic": f"{bundle}.voip" if voip else bundle,
+            "apns-priority": "10",
+            "apns-expiration": str(int(request.expires_at)),
+            "apns-id": request.push_id,
+        }
+        if content.collapse_id is not None:
+            headers["apns-collapse-id"] = apns_collapse_id(content.collapse_id)
         return {
             "transport": "apns",
             "target": f"POST /3/device/<{token_fp}>",
-            "headers": {
-                "apns-push-type": "voip",
-                "apns-topic": topic,
-                "apns-priority": "10",
-                "apns-expiration": str(int(request.expires_at)),
-                "apns-id": request.push_id,
-            },
-            "body": apns_voip_body(call),
+            "headers": headers,
+            "body": content.apns_payload(),
         }
     if reg.platform is Platform.FCM:
-        body = fcm_v1_message(call, seconds_left, token=f"<{token_fp}>")
+        body = fcm_v1_message(content, seconds_left, token=f"<{token_fp}>")
         return {
             "transport": "fcm",
             "target": "POST /v1/projects/<project id>/messages:send",
@@ -49,10 +59,10 @@ def render_request(request: PushRequest, now: float) -> dict[str, Any]:
             "body": body,
         }
     bodies: dict[Platform, dict[str, Any]] = {
-        Platform.GCM: gcm_legacy_body(call, seconds_left),
-        Platform.ADM: adm_body(call, seconds_left),
-        Platform.BAIDU: baidu_body(call),
-        Platform.WNS: wns_raw_body(call),
+        Platform.GCM: gcm_legacy_body(content, seconds_left),
+        Platform.ADM: adm_body(content, seconds_left),
+        Platform.BAIDU: baidu_body(content),
+        Platform.WNS: wns_raw_body(content),
     }
     return {
         "transport": reg.platform.value,
@@ -62,8 +72,19 @@ def render_request(request: PushRequest, now: float) -> dict[str, Any]:
     }
 
 
+def size_error(request: PushRequest, rendered: dict[str, Any]) -> str | None:
+    """The refusal the transport this sandbox stands in for would give for the payload's size."""
+    reg = request.registration
+    if reg.platform is Platform.APNS:
+        return apns_size_error(encode(rendered["body"]), reg.push_kind is PushKind.VOIP)
+    if reg.platform in (Platform.FCM, Platform.GCM):
+        body = rendered["body"]
+        return fcm_size_error(body.get("message", body))
+    return None
+
+
 class SandboxProvider:
-    """Accepts every push and keeps the newest `capacity` of them in memory."""
+    """Accepts every push the real transport would take, and keeps the newest `capacity`."""
 
     name = "sandbox"
     description = "sandbox (records pushes, sends nothing)"
@@ -84,13 +105,17 @@ class SandboxProvider:
     async def send(self, request: PushRequest) -> PushResult:
         now = time.time()
         record = render_request(request, now)
+        too_large = size_error(request, record)
+        if too_large is not None:
+            return PushResult(status=DeliveryStatus.REJECTED, reason=too_large)
         reg = request.registration
         record.update(
             {
                 "push_id": request.push_id,
                 "recorded_at": now,
                 "event_id": request.event_id,
-                "call_id": request.call.call_id,
+                "kind": request.content.label,
+                "call_id": request.content.call_id,
                 "identity": reg.identity,
                 "device_id": reg.device_id,
                 "platform": reg.platform.value,

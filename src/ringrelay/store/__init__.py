@@ -7,6 +7,9 @@ from typing import Protocol
 
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
 
+# The record type of a call's stop ledger (events/stop_ringing.py), read on every IncomingCall.
+STOP_TYPE = "ringrelay.StopRinging"
+
 
 @dataclass(slots=True)
 class Claim:
@@ -134,6 +137,15 @@ class Store(Protocol):
         ...
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]: ...
+    async def call_stops(self, correlation_id: str) -> list[EventRecord]:
+        """The call's stop records (`ringrelay.StopRinging`), without deliveries: one indexed
+        read, on every IncomingCall."""
+        ...
+
+    async def correlation_for_server_call(self, server_call_id: str) -> str | None:
+        """The correlationId of the ring recorded with this `serverCallId`, if any."""
+        ...
+
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts: ...
 
 

@@ -30,7 +30,7 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
@@ -99,8 +99,14 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
-    # chat pushes: a registration's chat format and sealed chat key; per-identity muted threads
-    # (self-contained: other branches add migrations too, and the list is renumbered on merge)
+    # 2. Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
+    """
+    ALTER TABLE events ADD COLUMN caller TEXT, ADD COLUMN server_call_id TEXT,
+        ADD COLUMN expires_at DOUBLE PRECISION;
+    CREATE INDEX events_server_call ON events (server_call_id) WHERE server_call_id IS NOT NULL;
+    """,
+    # 3. Chat pushes: a registration's chat format and sealed chat key; per-identity muted
+    # threads. Self-contained (other branches add migrations too; renumbered on merge).
     """
     ALTER TABLE registrations
         ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification',
@@ -194,6 +200,15 @@ def _event_columns(events: list[tuple[EventRecord, float]]) -> list[list[Any]]:
         [e.recipient for e, _ in events],
         [e.received_at or now for e, now in events],
         [now for _, now in events],
+    ]
+
+
+def _call_columns(events: list[EventRecord]) -> list[list[Any]]:
+    """The events table's call columns (added by migration 2), passed after the others."""
+    return [
+        [e.caller for e in events],
+        [e.server_call_id for e in events],
+        [e.expires_at for e in events],
     ]
 
 
@@ -489,7 +504,8 @@ class PostgresStore:
     # CPU per event in asyncpg round trips; measured 339 events/s against ~1,000 on SQLite.)
     _UPSERT_EVENT = (
         "INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
-        "recipient, received_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+        "recipient, received_at, updated_at, caller, server_call_id, expires_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $14, $15, $16) "
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at"
     )
@@ -531,15 +547,18 @@ class PostgresStore:
     _CLAIM_BATCH = (
         "WITH req AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
         "$5::text[], $6::text[], $7::float8[], $8::float8[], $9::float8[], $10::text[], "
-        "$11::text[]) AS req(event_id, event_type, status, reason, correlation_id, recipient, "
-        "received_at, now, lease_until, identity, kind)), "
+        "$11::text[], $12::text[], $13::text[], $14::float8[]) AS req(event_id, event_type, "
+        "status, reason, correlation_id, recipient, received_at, now, lease_until, identity, "
+        "kind, caller, server_call_id, expires_at)), "
         "t AS (SELECT req.event_id AS ev_id, req.now AS claim_now, req.lease_until AS lease, "
         + ", ".join(f"r.{c.strip()}" for c in _REG_COLUMNS.split(","))
         + " FROM req JOIN registrations r ON r.identity = req.identity "
         "AND r.push_kind = req.kind AND r.expires_at > req.now), "
         "ev AS (INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
-        "recipient, received_at, updated_at) SELECT req.event_id, req.event_type, req.status, "
-        "req.reason, req.correlation_id, req.recipient, req.received_at, req.now FROM req "
+        "recipient, received_at, updated_at, caller, server_call_id, expires_at) "
+        "SELECT req.event_id, req.event_type, req.status, req.reason, req.correlation_id, "
+        "req.recipient, req.received_at, req.now, req.caller, req.server_call_id, "
+        "req.expires_at FROM req "
         "WHERE EXISTS (SELECT 1 FROM t WHERE t.ev_id = req.event_id) "
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at RETURNING 1), "
@@ -566,6 +585,7 @@ class PostgresStore:
             [r.lease_until for r in requests],
             [r.identity for r in requests],
             [r.kind.value for r in requests],
+            *_call_columns([r.event for r in requests]),
         )
         by_event: dict[str, list[Any]] = {r.event.event_id: [] for r in requests}
         for row in rows:
@@ -614,6 +634,9 @@ class PostgresStore:
             [r.device_id for r in targets],
             [r.platform.value for r in targets],
             [fingerprint(r.token) for r in targets],
+            event.caller,
+            event.server_call_id,
+            event.expires_at,
         )
         for row in taken:
             key = (row[0], row[1])
@@ -632,8 +655,9 @@ class PostgresStore:
     # Several events' outcomes and statuses in one statement (one commit).
     _SETTLE_BATCH = (
         "WITH ev AS (INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
-        "recipient, received_at, updated_at) SELECT * FROM unnest($1::text[], $2::text[], "
-        "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::float8[]) "
+        "recipient, received_at, updated_at, caller, server_call_id, expires_at) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::float8[], $8::float8[], $19::text[], $20::text[], $21::float8[]) "
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at RETURNING 1) "
         "UPDATE deliveries AS d SET status = o.status, reason = o.reason, "
@@ -661,22 +685,47 @@ class PostgresStore:
             [o.provider_ref for _, _, o in rows],
             [o.token_fingerprint for _, _, o in rows],
             [now for _, now, _ in rows],
+            *_call_columns([r.event for r in requests]),
         )
         return [None] * len(requests)
 
     async def record_event(self, event: EventRecord, now: float) -> None:
         await self.settles.submit(_SettleRequest(event, [], now))
 
+    _EVENT_COLUMNS = (
+        "event_id, event_type, status, reason, correlation_id, recipient, received_at, "
+        "caller, server_call_id, expires_at"
+    )
+
+    @staticmethod
+    def _event(r: Any) -> EventRecord:
+        return EventRecord(
+            r[0], r[1], EventStatus(r[2]), r[3], r[4], r[5], r[6], [], r[7], r[8], r[9]
+        )
+
+    async def call_stops(self, correlation_id: str) -> list[EventRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT {self._EVENT_COLUMNS} FROM events WHERE correlation_id = $1 "
+            "AND event_type = $2 ORDER BY received_at",
+            correlation_id,
+            STOP_TYPE,
+        )
+        return [self._event(r) for r in rows]
+
+    async def correlation_for_server_call(self, server_call_id: str) -> str | None:
+        value = await self.pool.fetchval(
+            "SELECT correlation_id FROM events WHERE server_call_id = $1 LIMIT 1", server_call_id
+        )
+        return None if value is None else str(value)
+
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
-                "received_at FROM events WHERE correlation_id = $1 ORDER BY received_at",
+                f"SELECT {self._EVENT_COLUMNS} FROM events WHERE correlation_id = $1 "
+                "ORDER BY received_at",
                 correlation_id,
             )
-            events = [
-                EventRecord(r[0], r[1], EventStatus(r[2]), r[3], r[4], r[5], r[6]) for r in rows
-            ]
+            events = [self._event(r) for r in rows]
             for ev in events:
                 ev.deliveries = [
                     _outcome(r)

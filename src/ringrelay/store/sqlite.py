@@ -35,18 +35,9 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
 
-SCHEMA_VERSION = 2
-# Steps that bring an older file to SCHEMA_VERSION (SCHEMA alone creates the newest tables, but
-# leaves an existing table's columns as they were). Version -> statements run to reach it.
-UPGRADES: dict[int, list[str]] = {
-    # 2: chat pushes: a registration's chat format and sealed chat key; muted threads (in SCHEMA)
-    2: [
-        "ALTER TABLE registrations ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification'",
-        "ALTER TABLE registrations ADD COLUMN chat_key TEXT",
-    ],
-}
+SCHEMA_VERSION = 3
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -76,9 +67,14 @@ CREATE TABLE IF NOT EXISTS events (
     correlation_id TEXT,
     recipient      TEXT,
     received_at    REAL NOT NULL,
-    updated_at     REAL NOT NULL
+    updated_at     REAL NOT NULL,
+    caller         TEXT,
+    server_call_id TEXT,
+    expires_at     REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
+CREATE INDEX IF NOT EXISTS events_server_call ON events (server_call_id)
+    WHERE server_call_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_updated ON events (updated_at);
 
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -126,6 +122,18 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  REAL
 ) WITHOUT ROWID;
 """
+
+# Upgrades of an existing file, by the version they bring it to (SCHEMA is the current shape).
+UPGRADES: dict[int, str] = {
+    # Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
+    2: "ALTER TABLE events ADD COLUMN caller TEXT; "
+    "ALTER TABLE events ADD COLUMN server_call_id TEXT; "
+    "ALTER TABLE events ADD COLUMN expires_at REAL;",
+    # 3: chat pushes: a registration's chat format and sealed chat key (muted_threads is new:
+    # SCHEMA creates it)
+    3: "ALTER TABLE registrations ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification'; "
+    "ALTER TABLE registrations ADD COLUMN chat_key TEXT;",
+}
 
 _REG_COLUMNS = (
     "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at, "
@@ -408,11 +416,10 @@ class SQLiteStore:
                 f"{self.path}: schema version {version} is newer than this ringrelay "
                 f"({SCHEMA_VERSION}); upgrade ringrelay"
             )
+        if version:  # an existing file: bring it up to date before the current shape
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                db.executescript(UPGRADES[target])
         db.executescript(SCHEMA)
-        if version:  # 0: a new file, which SCHEMA has just made at the newest version
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in UPGRADES.get(step, []):
-                    db.execute(statement)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.path != ":memory:":
             # Checkpoints copy the WAL into the database and fsync it: on a slow disk that
@@ -626,7 +633,8 @@ class SQLiteStore:
     def _upsert_event(self, event: EventRecord, now: float) -> None:
         self.db.execute(
             "INSERT INTO events (event_id, event_type, status, reason, correlation_id, recipient, "
-            "received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "received_at, updated_at, caller, server_call_id, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
             "reason = excluded.reason, updated_at = excluded.updated_at",
             (
@@ -638,6 +646,9 @@ class SQLiteStore:
                 event.recipient,
                 event.received_at or now,
                 now,
+                event.caller,
+                event.server_call_id,
+                event.expires_at,
             ),
         )
 
@@ -730,9 +741,8 @@ class SQLiteStore:
     async def record_event(self, event: EventRecord, now: float) -> None:
         await self._group_write(lambda db: self._upsert_event(event, now))
 
-    async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
-        db = self.db
-        events = [
+    def _events(self, where: str, *args: object) -> list[EventRecord]:
+        return [
             EventRecord(
                 event_id=str(r[0]),
                 event_type=str(r[1]),
@@ -741,13 +751,31 @@ class SQLiteStore:
                 correlation_id=None if r[4] is None else str(r[4]),
                 recipient=None if r[5] is None else str(r[5]),
                 received_at=float(r[6]),
+                caller=None if r[7] is None else str(r[7]),
+                server_call_id=None if r[8] is None else str(r[8]),
+                expires_at=None if r[9] is None else float(r[9]),
             )
-            for r in db.execute(
+            for r in self.db.execute(
                 "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
-                "received_at FROM events WHERE correlation_id = ? ORDER BY received_at",
-                (correlation_id,),
+                f"received_at, caller, server_call_id, expires_at FROM events WHERE {where} "
+                "ORDER BY received_at",
+                args,
             )
         ]
+
+    async def call_stops(self, correlation_id: str) -> list[EventRecord]:
+        return self._events("correlation_id = ? AND event_type = ?", correlation_id, STOP_TYPE)
+
+    async def correlation_for_server_call(self, server_call_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT correlation_id FROM events WHERE server_call_id = ? LIMIT 1",
+            (server_call_id,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
+        db = self.db
+        events = self._events("correlation_id = ?", correlation_id)
         for ev in events:
             ev.deliveries = [
                 _outcome(r)
