@@ -235,3 +235,31 @@ async def test_api_mutes_and_unmutes_threads(make_server: Any, http: Any) -> Non
         assert r.status == 204
     async with http.delete(f"{base}/{thread}") as r:
         assert r.status == 404
+
+
+async def test_chat_key_and_text_never_reach_the_logs(
+    make_server: Any, http: Any, caplog: Any
+) -> None:
+    import logging
+
+    from ringrelay.simulate import chat_message_event
+    from tests.conftest import post_events
+
+    caplog.set_level(logging.DEBUG)
+    server = make_server(chat_key_encryption_key=MASTER, log_level="DEBUG")
+    key = _key()
+    body = {"platform": "apns", "token": apns_token(1), "push_kind": "alert"}
+    status, _ = await _put(http, server.url, "p1", {**body, "chat_format": "sdk", "chat_key": key})
+    assert status == 201
+    status, _ = await _put(
+        http, server.url, "p2", {**body, "chat_format": "sdk", "chat_key": "A" * 30}
+    )
+    assert status == 422
+    event = chat_message_event(acs_id("ada"), acs_id("bob"), "very private words")
+    status, answer = await post_events(http, server, [event])
+    assert status == 200 and answer["events"][0]["status"] == "delivered"
+    logged = caplog.text + str(answer)
+    assert caplog.records  # the server did log (the test would pass vacuously otherwise)
+    assert key not in logged and "A" * 30 not in logged
+    assert base64.b64decode(key).hex() not in logged
+    assert "very private words" not in logged
