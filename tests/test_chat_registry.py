@@ -263,3 +263,29 @@ async def test_chat_key_and_text_never_reach_the_logs(
     assert key not in logged and "A" * 30 not in logged
     assert base64.b64decode(key).hex() not in logged
     assert "very private words" not in logged
+
+
+async def test_sample_routes_stay_voip_only_and_messages_404(make_server: Any, http: Any) -> None:
+    from ringrelay.simulate import chat_message_event
+    from tests.conftest import post_events
+
+    server = make_server()
+    ada = acs_id("ada")
+    sample = {
+        "acsMri": ada,
+        "deviceInfos": [
+            {"deviceUUID": "sample-phone", "deviceToken": apns_token(5), "platform": "apple"}
+        ],
+    }
+    async with http.post(f"{server.url}/api/add_device_token", json=sample) as resp:
+        assert resp.status == 201
+    event = chat_message_event(ada, acs_id("bob"), "hi")
+    status, answer = await post_events(http, server, [event])
+    report = answer["events"][0]
+    assert status == 200 and report["status"] == "no_devices"  # the sample's token is VoIP
+    assert report["messageId"] == event["data"]["messageId"] and "callId" not in report
+    async with http.get(f"{server.url}/v1/messages/{event['data']['messageId']}") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["events"][0]["status"] == "no_devices"
+    async with http.get(f"{server.url}/v1/messages/1234") as resp:
+        assert resp.status == 404
