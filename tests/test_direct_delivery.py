@@ -640,3 +640,26 @@ async def test_fake_apns_lists_pushes_without_full_tokens_or_provider_tokens(
     assert listed["device_token"] == apns_token(31)[:8] + "…"
     assert listed["headers"]["authorization"].startswith("sha256:")
     assert listed["headers"]["apns-topic"] == recorded["headers"]["apns-topic"]
+
+
+# --- TLS: an endpoint whose certificate does not verify ----------------------------------------
+
+
+async def test_untrusted_certificates_are_configuration_errors_naming_ca_file(
+    http, make_server, direct_settings
+) -> None:
+    """APNs and FCM fakes whose CA is not trusted (no ca_file): each push settles on its first
+    attempt as config_error, the reason naming the app's ca_file; no retries, answered 200."""
+    settings = direct_settings(apns={"ca_file": None})
+    settings["fcm"] = [{**settings["fcm"][0], "ca_file": None}]
+    server = make_server(**settings)
+    callee = acs_id("untrusted")
+    await register(http, server, callee, "iphone", platform="apns", token=apns_token(77))
+    await register(http, server, callee, "pixel", platform="fcm", token=fcm_token(77))
+    code, body, _ = await call(http, server, callee)
+    assert code == 200, body
+    for device, table in (("iphone", "[[apns]]"), ("pixel", "[[fcm]]")):
+        outcome = outcomes(body)[device]
+        assert outcome["status"] == "config_error", outcome
+        assert outcome["attempts"] == 1
+        assert "certificate" in outcome["reason"] and f"ca_file in the {table}" in outcome["reason"]

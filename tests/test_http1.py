@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from ringrelay.fakes.tls import make_test_certificates
-from ringrelay.providers.http1 import Http1Pool, HttpError
+from ringrelay.providers.http1 import CertificateError, Http1Pool, HttpError
+from tests.test_cli import free_port
 
 Answer = Callable[[bytes], bytes | None]  # request head -> raw response (None: say nothing)
 
@@ -140,7 +141,7 @@ async def test_a_header_value_with_a_line_break_is_never_sent(tls) -> None:
 
 
 async def test_unreachable_server_is_an_error(tls) -> None:
-    pool = Http1Pool("127.0.0.1", 9, tls[1])
+    pool = Http1Pool("127.0.0.1", free_port(), tls[1])  # closed: nothing listens
     with pytest.raises(HttpError, match="cannot connect"):
         await post(pool)
     await pool.close()
@@ -151,3 +152,20 @@ async def test_pool_limit_queues_requests_in_order(tls) -> None:
         results = await asyncio.gather(*(post(pool) for _ in range(20)))
         assert [r.status for r in results] == [201] * 20
         assert raw.connections <= 2 and len(raw.requests) == 20
+
+
+async def test_untrusted_certificate_is_its_own_error(tmp_path) -> None:
+    """A server whose CA is not trusted: CertificateError (a configuration error for the
+    callers), not a connection error to retry."""
+    certs = make_test_certificates(tmp_path / "other")
+    server = await asyncio.start_server(
+        lambda r, w: None, "127.0.0.1", 0, ssl=certs.server_context(["http/1.1"])
+    )
+    port = server.sockets[0].getsockname()[1]
+    pool = Http1Pool("127.0.0.1", port, ssl.create_default_context())  # system trust only
+    try:
+        with pytest.raises(CertificateError, match="unable to get local issuer certificate"):
+            await post(pool)
+    finally:
+        await pool.close()
+        server.close()

@@ -3,7 +3,10 @@ goes on the wire, SAS signing and caching, outcome classes, retries without doub
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from ringrelay.providers.notificationhubs import make_sas_token
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import acs_id, apns_token, post_events, register
+from tests.test_cli import free_port
 
 CALLEE = acs_id("nh-callee")
 
@@ -215,7 +219,8 @@ async def test_payload_over_the_hubs_apns_limit_is_rejected_unsent(http, nh_serv
 
 async def test_hub_unreachable_is_transient(http, make_server, nh_settings) -> None:
     settings = dict(nh_settings)
-    settings["nh_hub_url"] = "https://127.0.0.1:9/ringrelay-test/messages/"  # nothing listens
+    # A closed port: nothing listens (a fixed one, 9, may be taken on a shared machine).
+    settings["nh_hub_url"] = f"https://127.0.0.1:{free_port()}/ringrelay-test/messages/"
     server = make_server(webhook_deadline_seconds=0.5, **settings)
     await register(http, server, CALLEE, "phone")
     status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
@@ -251,3 +256,82 @@ async def test_past_the_concurrency_limit_deliveries_are_503_at_once(
     assert status == 200
     async with http.get(f"{server.url}/metrics") as resp:
         assert "ringrelay_webhook_shed_total 1.0" in await resp.text()
+
+
+@contextlib.asynccontextmanager
+async def tcp_forwarder(target_port: int) -> AsyncIterator[int]:
+    """A TCP proxy on loopback in front of `target_port` (a private endpoint's address, say):
+    bytes pass unchanged, TLS included; yields the proxy's port."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_sas_scope_is_the_hub_not_the_proxy_address(
+    http, make_server, nh_settings, fake_nh
+) -> None:
+    """ANHHubUrl through a proxy: the token is scoped to the connection string's endpoint + hub
+    (what the hub checks), not to the proxy's address the request goes to."""
+    hub_port = int(fake_nh.base_url.rsplit(":", 1)[1])
+    async with tcp_forwarder(hub_port) as proxy_port:
+        server = make_server(
+            **nh_settings, nh_hub_url=f"https://127.0.0.1:{proxy_port}/{fake_nh.hub}/messages/"
+        )
+        await register(http, server, CALLEE, "iphone", platform="apns", token=apns_token(14))
+        status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
+    assert status == 200, body
+    assert body["events"][0]["status"] == "delivered", body
+    assert len(accepted(fake_nh)) == 1  # it came in through the proxy, and the hub took it
+
+
+async def test_untrusted_hub_certificate_is_a_configuration_error_at_once(
+    http, make_server, nh_settings
+) -> None:
+    """The hub's certificate does not verify (its CA not trusted): settled on the first attempt
+    as config_error naming RINGRELAY_NH_CA_FILE, answered 200 at once; no retries for 12 s."""
+    server = make_server(**{**nh_settings, "nh_ca_file": None})
+    await register(http, server, CALLEE, "iphone", platform="apns", token=apns_token(15))
+    status, body = await post_events(http, server, [incoming_call_event(CALLEE)])
+    assert status == 200, body  # settled: Event Grid's retry could not fix it
+    (outcome,) = body["events"][0]["deliveries"]
+    assert outcome["status"] == "config_error", outcome
+    assert outcome["attempts"] == 1
+    assert "certificate" in outcome["reason"] and "RINGRELAY_NH_CA_FILE" in outcome["reason"]
+
+
+@pytest.mark.parametrize(
+    ("hub_name", "hub_url"),
+    [
+        ("calls", "https://proxy.internal:8443/nh/calls/messages/"),
+        (None, "https://proxy.internal:8443/nh/calls/messages/"),  # the name from the URL
+        (None, "https://10.1.2.3/calls/messages"),
+    ],
+)
+def test_sas_scope_is_endpoint_and_hub_whatever_the_hub_url(hub_name, hub_url) -> None:
+    from ringrelay.config import load_settings
+
+    settings = load_settings(
+        nh_connection_string="Endpoint=sb://contoso.servicebus.windows.net/;"
+        "SharedAccessKeyName=DefaultFullSharedAccessSignature;SharedAccessKey=k",
+        nh_hub_name=hub_name,
+        nh_hub_url=hub_url,
+    )
+    assert settings.nh_messages_url().startswith(hub_url.rstrip("/"))
+    assert settings.nh_resource_uri() == "https://contoso.servicebus.windows.net/calls"

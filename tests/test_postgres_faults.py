@@ -167,3 +167,71 @@ async def test_provider_hang_on_postgres_is_retried_then_expired(
         assert record["status"] == "delivered"
     finally:
         await _drop_schema(schema)
+
+
+async def test_read_only_database_answers_503_and_readyz_says_not_writable(tmp_path) -> None:
+    """The database stops taking writes (as a standby after a failover does: here its role's
+    transactions turn read-only and its sessions are cut): a registration answers 503 naming
+    the cause, /readyz says the store is not writable; both recover without a restart."""
+    import asyncpg
+
+    from tests.test_cli import clean_env, free_port, serve, wait_healthy
+
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    role = f"rr_ro_{uuid.uuid4().hex[:8]}"
+    await _postgres_store(schema)
+    admin = await asyncpg.connect(PG_URL, timeout=10)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    user_url = PG_URL.replace("postgres@", f"{role}@", 1)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = clean_env() | {"RINGRELAY_DATABASE_URL": f"{user_url}?search_path={schema}"}
+    proc = serve(port, tmp_path, env, log=tmp_path / "serve.log")
+
+    async def cut_sessions() -> None:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+
+    async def put(http: aiohttp.ClientSession, device: str) -> tuple[int, Any]:
+        for _ in range(10):  # a request may meet a connection cut under it first
+            async with http.put(
+                f"{url}/v1/identities/{acs_id('ro')}/devices/{device}",
+                json={"platform": "apns", "token": apns_token(len(device))},
+            ) as resp:
+                if resp.status != 500:
+                    return resp.status, await resp.json()
+            await asyncio.sleep(0.2)
+        raise AssertionError("500 ten times")
+
+    try:
+        wait_healthy(url, proc)
+        async with aiohttp.ClientSession() as http:
+            assert (await put(http, "before"))[0] == 201
+            await admin.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+            await cut_sessions()
+            status, body = await put(http, "during")
+            assert status == 503, body
+            assert "store not writable" in body["error"] and "read-only" in body["error"], body
+            async with http.get(f"{url}/readyz") as resp:
+                ready = await resp.json()
+                assert resp.status == 503, ready
+                assert ready["checks"]["store"].startswith("not writable"), ready
+
+            await admin.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
+            await cut_sessions()
+            deadline = time.monotonic() + 15
+            while True:  # the heartbeat, a write every second, finds writes work again
+                async with http.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        break
+                assert time.monotonic() < deadline, await resp.json()
+                await asyncio.sleep(0.3)
+            assert (await put(http, "after"))[0] == 201
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        await cut_sessions()
+        await _drop_schema(schema)
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()

@@ -230,3 +230,54 @@ async def test_instance_killed_mid_batch_then_retried_elsewhere(
                 p.terminate()
                 p.wait(timeout=10)
         await _drop_schema(schema)
+
+
+async def test_dead_instance_claims_free_for_event_grid_first_retry(
+    tmp_path, fake_nh, nh_settings
+) -> None:
+    """SIGKILL an instance while its pushes hang at the hub, then redeliver to the other about
+    10 s later, as Event Grid's first retry comes: the dead instance's claims are free (its
+    heartbeat stopped), so the retry pushes every device and answers 200, well before the
+    claims' lease (webhook deadline 20 s + 5 s) would end."""
+    import os
+    import signal
+    import time
+
+    env = {
+        "RINGRELAY_NH_CONNECTION_STRING": nh_settings["nh_connection_string"],
+        "RINGRELAY_NH_HUB_NAME": nh_settings["nh_hub_name"],
+        "RINGRELAY_NH_CA_FILE": str(nh_settings["nh_ca_file"]),
+    }
+    async with pg_instances(tmp_path, env=env) as (urls, procs, _):
+        callees = [acs_id(f"dead{i}") for i in range(2)]
+        handles = [f"fcm:dead-{c}-{d}" for c in range(2) for d in range(2)]
+        async with aiohttp.ClientSession() as http:
+            for handle in handles:
+                _, c, d = handle.rsplit("-", 2)
+                async with http.put(
+                    f"{urls[0]}/v1/identities/{callees[int(c)]}/devices/d{d}",
+                    json={"platform": "fcm", "token": handle},
+                ) as resp:
+                    assert resp.status == 201
+            # The hub hangs on the first instance's pushes and finally fails them (no phone
+            # rings); the retry's pushes are accepted at once.
+            fake_nh.respond(500, times=len(handles), delay=14)
+            batch = [incoming_call_event(c) for c in callees]
+            post = asyncio.ensure_future(http.post(f"{urls[0]}/api/events", json=batch))
+            deadline = time.monotonic() + 10
+            while fake_nh.script:  # every push is at the hub, claimed, unanswered
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            os.kill(procs[0].pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            with pytest.raises(aiohttp.ClientError):
+                await post
+            await asyncio.sleep(10 - (time.monotonic() - killed_at))  # Event Grid's first retry
+            async with http.post(f"{urls[1]}/api/events", json=batch) as resp:
+                answer = await resp.json()
+                assert resp.status == 200, answer
+            for report in answer["events"]:
+                assert {d["status"] for d in report["deliveries"]} == {"accepted"}
+            await asyncio.sleep(max(0.0, 14.5 - (time.monotonic() - killed_at)))
+        accepted = [p["handle"] for p in fake_nh.pushes if p["status"] == 201]
+        assert sorted(accepted) == sorted(handles)  # every device rang, once

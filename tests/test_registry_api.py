@@ -185,7 +185,7 @@ async def test_sample_routes_round_trip(http, sandbox_server) -> None:
     infos = {d["deviceUUID"]: d for d in doc["deviceInfos"]}
     assert infos["6f1b1f4e-1111-2222-3333-444455556666"]["platform"] == "apple"
     assert infos["droid-1"]["platform"] == "fcmv1"  # android means FCM v1
-    assert infos["droid-1"]["deviceToken"] == "fcm:token-1"
+    assert infos["droid-1"]["deviceToken"].startswith("sha256:")  # anonymous: a fingerprint
 
     # The native API sees the same registrations.
     assert {d["platform"] for d in await devices(http, sandbox_server)} == {"apns", "fcm"}
@@ -272,3 +272,167 @@ async def test_readyz_fails_when_the_store_is_gone(http, sandbox_server) -> None
 async def test_sandbox_listing_is_404_outside_sandbox_mode(http, nh_server) -> None:
     async with http.get(f"{nh_server.url}/v1/sandbox/pushes") as resp:
         assert resp.status == 404
+
+
+# --- validation: whole values only, one spelling per token (issue 17, item 8) -----------------
+
+
+@pytest.mark.parametrize(
+    ("path_identity", "device_id", "body", "field"),
+    [
+        (ALICE + "%0A", "d", {"platform": "apns", "token": "ab" * 32}, "identity"),
+        (ALICE, "d%0A", {"platform": "apns", "token": "ab" * 32}, "device_id"),
+        (ALICE, "d", {"platform": "apns", "token": "ab" * 31 + "a\n"}, "token"),  # even length
+        (ALICE, "d", {"platform": "fcm", "token": "fcm:abc\n"}, "token"),
+        (ALICE, "d", {"platform": "apns", "token": "ab" * 32, "app_id": "com.x.y\n"}, "app_id"),
+        (ALICE, "d", {"platform": "wns", "token": "https://wns.example/?t=a\x00b"}, "token"),
+        (ALICE, "d", {"platform": "wns", "token": "https://wns.example/?t=\u20ac"}, "token"),
+        (ALICE, "d", {"platform": "wns", "token": "https://wns.example/?t=\u00e9"}, "token"),
+        (ALICE, "d", {"platform": "wns", "token": "https://wns.example/?t=a\n"}, "token"),
+    ],
+    ids=[
+        "identity-newline",
+        "device-newline",
+        "apns-newline",
+        "fcm-newline",
+        "app-id-newline",
+        "wns-nul",
+        "wns-non-latin-1",
+        "wns-latin-1",
+        "wns-newline",
+    ],
+)
+async def test_a_trailing_newline_or_a_control_character_is_422(
+    http, sandbox_server, path_identity, device_id, body, field
+) -> None:
+    from yarl import URL
+
+    url = URL(
+        f"{sandbox_server.url}/v1/identities/{path_identity}/devices/{device_id}", encoded=True
+    )
+    async with http.put(url, json=body) as resp:
+        assert resp.status == 422, await resp.text()
+        detail = (await resp.json())["detail"]
+    assert field in [d["field"] for d in detail], detail
+    assert await devices(http, sandbox_server) == []
+
+
+async def test_sample_route_refuses_a_trailing_newline(http, sandbox_server) -> None:
+    for mri, uuid_ in ((ALICE + "\n", "u"), (ALICE, "u\n")):
+        body = {
+            "acsMri": mri,
+            "deviceInfos": [
+                {"deviceUUID": uuid_, "deviceToken": apns_token(1), "platform": "apple"}
+            ],
+        }
+        async with http.post(f"{sandbox_server.url}/api/add_device_token", json=body) as resp:
+            assert resp.status == 400, await resp.text()
+    assert await devices(http, sandbox_server) == []
+
+
+async def test_one_phone_in_two_cases_is_one_device(http, sandbox_server) -> None:
+    """APNs tokens are hex: `AB…` and `ab…` are the same phone, so registering it for a second
+    identity moves it there (native and sample routes alike), and a call rings it once."""
+    from ringrelay.redact import fingerprint
+
+    bob, carol = acs_id("bob"), acs_id("carol")
+    token = apns_token(0xABCDEF12)
+    assert token != token.upper()
+    assert (await register(http, sandbox_server, ALICE, "phone", token=token.upper())).status == 201
+    assert (await register(http, sandbox_server, bob, "phone", token=token)).status == 201
+    assert await devices(http, sandbox_server) == []
+    (listed,) = await devices(http, sandbox_server, bob)
+    assert listed["token"] == fingerprint(token)  # stored in lower case
+
+    body = {
+        "acsMri": carol,
+        "deviceInfos": [{"deviceUUID": "phone", "deviceToken": token.upper(), "platform": "apple"}],
+    }
+    async with http.post(f"{sandbox_server.url}/api/add_device_token", json=body) as resp:
+        assert resp.status == 201
+    assert await devices(http, sandbox_server, bob) == []
+    (listed,) = await devices(http, sandbox_server, carol)
+    assert listed["token"] == fingerprint(token)
+
+    for callee, rung in ((ALICE, 0), (bob, 0), (carol, 1)):
+        status, answer = await post_events(http, sandbox_server, [incoming_call_event(callee)])
+        assert status == 200
+        assert len(answer["events"][0]["deliveries"]) == rung, callee
+
+
+def _old_sqlite_file(path, rows) -> None:
+    """A store file as ringrelay wrote it before APNs tokens were lower-cased (schema 1)."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE registrations (identity TEXT NOT NULL, device_id TEXT NOT NULL, "
+        "platform TEXT NOT NULL, token TEXT NOT NULL, push_kind TEXT NOT NULL, app_id TEXT, "
+        "created_at REAL NOT NULL, updated_at REAL NOT NULL, expires_at REAL NOT NULL, "
+        "PRIMARY KEY (identity, device_id)) WITHOUT ROWID; "
+        # schema 1's events table: the ring lifecycle's upgrade adds columns to it
+        "CREATE TABLE events (event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, "
+        "status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', correlation_id TEXT, "
+        "recipient TEXT, received_at REAL NOT NULL, updated_at REAL NOT NULL) WITHOUT ROWID; "
+        "PRAGMA user_version=1;"
+    )
+    db.executemany("INSERT INTO registrations VALUES (?, ?, ?, ?, 'voip', NULL, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+
+
+async def test_existing_rows_in_two_cases_become_one_device(http, make_server, tmp_path) -> None:
+    from ringrelay.redact import fingerprint
+
+    bob, carol = acs_id("bob"), acs_id("carol")
+    token = apns_token(0xABCDEF12)
+    now = time.time()
+    path = tmp_path / "old.db"
+    _old_sqlite_file(
+        path,
+        [
+            (ALICE, "phone", "apns", token.upper(), now - 60, now - 60, now + 3600),
+            (bob, "phone", "apns", token, now - 10, now - 10, now + 3600),  # the newest
+            (carol, "ipad", "apns", apns_token(0xDEADBEEF).upper(), now, now, now + 3600),
+        ],
+    )
+    server = make_server(database_url=f"sqlite:///{path}")
+    assert await devices(http, server) == []
+    assert [d["token"] for d in await devices(http, server, bob)] == [fingerprint(token)]
+    assert [d["token"] for d in await devices(http, server, carol)] == [
+        fingerprint(apns_token(0xDEADBEEF))
+    ]
+    status, answer = await post_events(http, server, [incoming_call_event(ALICE)])
+    assert status == 200 and answer["events"][0]["deliveries"] == []
+
+
+async def test_postgres_migration_keeps_one_spelling_per_apns_token() -> None:
+    import asyncpg
+
+    from ringrelay.store.postgres import MIGRATIONS
+    from tests.test_store_contract import PG_URL, _drop_schema, _postgres_store
+
+    schema = f"t_case_{int(time.time() * 1000)}"
+    store = await _postgres_store(schema)
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        await conn.execute(MIGRATIONS[0])
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); "
+            "INSERT INTO schema_migrations (version) VALUES (1)"
+        )
+        token, now = apns_token(0xABCDEF12), time.time()
+        await conn.executemany(
+            "INSERT INTO registrations VALUES ($1, $2, 'apns', $3, 'voip', NULL, $4, $4, $5)",
+            [
+                (ALICE, "phone", token.upper(), now - 60, now + 3600),
+                (acs_id("bob"), "phone", token, now - 10, now + 3600),
+            ],
+        )
+        await store.open()
+        assert await store.list_registrations(ALICE, now) == []
+        (kept,) = await store.list_registrations(acs_id("bob"), now)
+        assert kept.token == token
+        await store.close()
+    finally:
+        await conn.close()
+        await _drop_schema(schema)

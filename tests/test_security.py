@@ -3,6 +3,7 @@ secure-by-default binding."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from typing import Any
@@ -310,9 +311,9 @@ def keys_cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_api_keys_created_scoped_and_revoked(http, make_server, tmp_path) -> None:
     db_url = f"sqlite:///{tmp_path / 'keys.db'}"
-    server = make_server(database_url=db_url)
-    # Before any key exists (and with no JWT issuer) the registry is open on loopback.
-    assert await put(http, server, ALICE, "phone", {}) == 201
+    server = make_server(database_url=db_url, auth_required=True)
+    # Required, and nothing can authenticate yet: refused, not open.
+    assert await put(http, server, ALICE, "phone", {}) == 503
 
     out = keys_cli(db_url, "create", "--name", "signup-service", "--scope", "register")
     assert out.returncode == 0, out.stderr
@@ -325,11 +326,7 @@ async def test_api_keys_created_scoped_and_revoked(http, make_server, tmp_path) 
     assert "signup-service" in listing and "dashboard" in listing
     assert full_key.split("_", 2)[2] not in listing  # the secret is never shown again
 
-    # Keys now exist: anonymous calls are refused (noticed within the 5 s cache).
-    deadline = time.monotonic() + 7
-    while await put(http, server, ALICE, "phone", {}) != 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    assert await put(http, server, ALICE, "phone", {}) == 401  # a key exists: use it
     key_hdr = {"X-API-Key": full_key}
     assert await put(http, server, BOB, "phone", key_hdr, "cd" * 32) == 201  # any identity
     assert (
@@ -422,3 +419,225 @@ async def test_strangers_cannot_use_up_an_identitys_rate(http, make_server, tmp_
     for _ in range(5):  # unauthenticated attempts against Alice
         assert await put(http, server, ALICE, "phone", {}) == 401
     assert await put(http, server, ALICE, "phone", auth(token(ALICE))) == 201
+
+
+async def test_refused_requests_do_not_count_against_the_target_identity(
+    http, make_server, tmp_path
+) -> None:
+    """Issue 17, item 6: Alice's requests on Bob's identity are refused and do not spend Bob's
+    allowance; only Bob's own (allowed) requests do."""
+    pem = public_key_file(tmp_path)
+    server = make_server(
+        auth_issuer=ISS,
+        auth_audience=AUD,
+        auth_public_key_file=pem,
+        auth_identity_claim="acs_id",
+        rate_limit_per_identity=3,
+        rate_limit_per_client=1000,
+    )
+    for _ in range(6):
+        assert await put(http, server, BOB, "phone", auth(token(ALICE))) == 403
+    url = f"{server.url}/v1/identities/{BOB}/devices"
+    for _ in range(6):
+        async with http.get(url, headers=auth(token(ALICE))) as resp:
+            assert resp.status == 403
+    assert await put(http, server, BOB, "phone", auth(token(BOB))) == 201
+    statuses = [await put(http, server, BOB, "phone", auth(token(BOB))) for _ in range(3)]
+    assert statuses == [200, 200, 429]  # Bob's own allowance: 3 a minute
+    # Alice's allowance is her own: her requests on her identity still pass.
+    assert await put(http, server, ALICE, "phone", auth(token(ALICE)), "cd" * 32) == 201
+
+
+# --- leaks (issue 17, item 7) ------------------------------------------------------------------
+
+
+def test_access_log_redacts_a_percent_encoded_code_parameter(tmp_path) -> None:
+    """`?c%6Fde=` is `?code=` to the webhook: it authenticates, so it must not be logged."""
+    import urllib.request
+
+    from tests.test_cli import serve, wait_healthy
+
+    port = free_port()
+    secret = "hunter2-percent-secret"
+    proc = serve(port, tmp_path, clean_env() | {"RINGRELAY_WEBHOOK_SECRET": secret}, "--access-log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        for query in (
+            f"c%6Fde={secret}",
+            f"%63%6F%64%65={secret}&x=1",
+            f"x=1&CO%64e=no&code={secret}",
+        ):
+            req = urllib.request.Request(
+                f"{url}/api/events?{query}",
+                data=b"[]",
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            assert urllib.request.urlopen(req).status == 200  # the secret was accepted
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "/api/events?c%6Fde=<redacted>" in out
+    assert "/api/events?%63%6F%64%65=<redacted>&x=1" in out
+    assert secret not in out
+
+
+@pytest.mark.parametrize(
+    "connection_string",
+    [
+        "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a;Zm9vYmFyS2V5U2VjcmV0",
+        "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a;"
+        "SharedAccessKey:Zm9vYmFyS2V5U2VjcmV0",
+        "Zm9vYmFyS2V5U2VjcmV0",
+    ],
+    ids=["bare-key", "colon-for-equals", "only-the-key"],
+)
+def test_a_malformed_connection_string_is_never_echoed(tmp_path, connection_string) -> None:
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env() | {"ANHHubConnectionString": connection_string, "ANHHubName": "hub"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "ANHHubConnectionString" in out.stderr and "has no '='" in out.stderr
+    assert "Zm9vYmFyS2V5U2VjcmV0" not in out.stderr + out.stdout
+
+
+async def test_sample_listing_shows_fingerprints_to_anonymous_callers(http, sandbox_server):
+    """With registrar authentication off, anyone may call: the sample-compatible listing shows
+    fingerprints, as the native one does, not the tokens themselves."""
+    body = {
+        "acsMri": ALICE,
+        "deviceInfos": [
+            {"deviceUUID": "iphone", "deviceToken": "ab" * 32, "platform": "apple"},
+            {"deviceUUID": "pixel", "deviceToken": "fcm:secret-token", "platform": "android"},
+        ],
+    }
+    async with http.post(f"{sandbox_server.url}/api/add_device_token", json=body) as resp:
+        assert resp.status == 201
+    async with http.get(
+        f"{sandbox_server.url}/api/get_device_registrations", params={"acsMri": ALICE}
+    ) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    doc = json.loads(text)
+    assert all(d["deviceToken"].startswith("sha256:") for d in doc["deviceInfos"])
+    assert "ab" * 32 not in text and "secret-token" not in text
+
+
+# --- whether authentication is required is decided at start-up (issue 17, items 1 and 17) --------
+
+
+async def test_revoking_the_last_key_does_not_open_the_registry(http, make_server, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'revoke.db'}"
+    only_key = keys_cli(db_url, "create", "--name", "signup").stdout.strip().splitlines()[-1]
+    server = make_server(database_url=db_url, auth_required=True)
+    revoked = keys_cli(db_url, "revoke", only_key.split("_")[1])
+    assert revoked.returncode == 0
+
+    async with http.put(
+        f"{server.url}/v1/identities/{ALICE}/devices/phone",
+        json={"platform": "apns", "token": "ab" * 32},
+    ) as resp:
+        assert resp.status == 503
+        detail = (await resp.json())["detail"]
+    assert "RINGRELAY_AUTH_REQUIRED" in detail and "ringrelay keys create" in detail
+    assert "does not open" in revoked.stdout  # the CLI says so too
+    assert await put(http, server, ALICE, "phone", {"X-API-Key": only_key}) == 401
+    async with http.get(
+        f"{server.url}/api/get_device_registrations", params={"acsMri": ALICE}
+    ) as resp:
+        assert resp.status == 503
+    assert await stored_with_key(http, server, db_url, ALICE) == []
+
+    new_key = keys_cli(db_url, "create", "--name", "signup-2").stdout.strip().splitlines()[-1]
+    assert await put(http, server, ALICE, "phone", {"X-API-Key": new_key}) == 201
+    assert await put(http, server, BOB, "phone", {}, "cd" * 32) == 401
+
+
+async def stored_with_key(http, server, db_url, identity) -> list:
+    reader = keys_cli(db_url, "create", "--name", "check", "--scope", "read").stdout
+    key = reader.strip().splitlines()[-1]
+    async with http.get(
+        f"{server.url}/v1/identities/{identity}/devices", headers={"X-API-Key": key}
+    ) as resp:
+        assert resp.status == 200
+        devices = (await resp.json())["devices"]
+    keys_cli(db_url, "revoke", key.split("_")[1])
+    return devices
+
+
+async def test_creating_the_first_key_leaves_a_quickstart_server_open(
+    http, make_server, tmp_path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'quick.db'}"
+    server = make_server(database_url=db_url)
+    out = keys_cli(db_url, "create", "--name", "backend")
+    assert out.returncode == 0
+    note = out.stdout.splitlines()[1]
+    assert "on loopback does not" in note and "RINGRELAY_AUTH_REQUIRED=true" in note
+    assert out.stdout.strip().splitlines()[-1].startswith("rr_")  # the key stays the last line
+    assert await put(http, server, ALICE, "phone", {}) == 201  # still the quickstart
+
+    required = subprocess.run(
+        [*RINGRELAY, "keys", "create", "--name", "other"],
+        env=clean_env() | {"RINGRELAY_DATABASE_URL": db_url, "RINGRELAY_AUTH_REQUIRED": "true"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "requires registrar authentication" in required.stdout
+
+
+def _banner(tmp_path, env: dict[str, str], *extra: str) -> str:
+    """The start-up banner of `ringrelay serve` (stopped once it is printed)."""
+    from tests.test_cli import serve, wait_healthy
+
+    port = free_port()
+    proc = serve(port, tmp_path, clean_env() | env, *extra)
+    wait_healthy(f"http://127.0.0.1:{port}", proc)
+    proc.terminate()
+    return proc.communicate(timeout=10)[0]
+
+
+def test_the_banner_says_whether_registrar_auth_is_required(tmp_path) -> None:
+    assert "auth:     off" in _banner(tmp_path, {})
+    assert "auth:     required (API keys)" in _banner(tmp_path, {"RINGRELAY_AUTH_REQUIRED": "1"})
+    # Beyond loopback it is required unless --insecure; a key created first lets it start.
+    db_url = f"sqlite:///{tmp_path / 'public.db'}"
+    assert keys_cli(db_url, "create", "--name", "backend").returncode == 0
+    public = _banner(tmp_path, {"RINGRELAY_DATABASE_URL": db_url}, "--host", "0.0.0.0")
+    assert "auth:     required (API keys)" in public
+    # The same store on loopback: off, and the log says the active key is not required.
+    loopback = _banner(tmp_path, {"RINGRELAY_DATABASE_URL": db_url})
+    assert "auth:     off" in loopback and "API keys are active: they are not required" in loopback
+
+
+def test_serve_refuses_a_public_address_with_auth_turned_off(tmp_path) -> None:
+    out = subprocess.run(
+        [*RINGRELAY, "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=clean_env() | {"RINGRELAY_AUTH_REQUIRED": "false"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in out.stderr
+    assert "RINGRELAY_AUTH_REQUIRED=false" in out.stderr and "ringrelay keys create" in out.stderr
+
+
+def test_auth_required_false_contradicts_a_jwt_issuer(tmp_path) -> None:
+    from ringrelay.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="RINGRELAY_AUTH_REQUIRED"):
+        load_settings(
+            auth_required=False,
+            auth_issuer=ISS,
+            auth_audience=AUD,
+            auth_public_key_file=public_key_file(tmp_path),
+        )

@@ -292,6 +292,60 @@ async def test_postgres_claims_are_exclusive_across_instances() -> None:
         await _drop_schema(schema)
 
 
+async def test_postgres_claims_of_a_silent_instance_are_free_before_their_lease() -> None:
+    """An instance stops renewing its heartbeat (it died; here its heartbeat task is stopped):
+    its live-leased claims stay its own while the heartbeat is fresh, and are free to another
+    instance once it is older than HEARTBEAT_STALE. A store without a heartbeat (an admin
+    command) claims by lease only."""
+    import time
+
+    schema = f"rr_test_{uuid.uuid4().hex[:12]}"
+    dead, alive = await _postgres_store(schema), await _postgres_store(schema)
+    await dead.open()
+    await alive.open()
+    try:
+        devices = [reg(device=f"d{i}", token=f"{i:064x}") for i in range(3)]
+        now = time.time()
+        lease = now + 3600  # far off: only the heartbeat can free these
+        ev = event("silent-1")
+        assert len((await dead.claim_deliveries(ev, devices, now, lease)).to_send) == 3
+        # Fresh heartbeat: the claims are the first instance's.
+        assert (await alive.claim_deliveries(ev, devices, now, lease)).to_send == []
+        # Its heartbeat stops (as at a kill -9); with the staleness bound shortened for the
+        # test, it is soon dead, and its claims are free through both claim statements.
+        dead._beating.cancel()
+        alive.heartbeat_stale = 0.5
+        await asyncio.sleep(1.0)
+        taken = await alive.claim_deliveries(ev, devices, time.time(), lease)
+        assert sorted(r.device_id for r in taken.to_send) == ["d0", "d1", "d2"]
+        for d in devices:
+            await alive.upsert_registration(d)
+        ev2 = event("silent-2")
+        _, first = await dead.claim_callee(ev2, devices[0].identity, PushKind.VOIP, now, lease)
+        assert len(first.to_send) == 3
+        await asyncio.sleep(1.0)
+        _, second = await alive.claim_callee(
+            ev2, devices[0].identity, PushKind.VOIP, time.time(), lease
+        )
+        assert len(second.to_send) == 3
+        # Without a heartbeat (admin commands): by lease only, never taken as dead.
+        from ringrelay.store.postgres import PostgresStore
+
+        admin = PostgresStore(PG_URL, heartbeat=False)
+        admin.server_settings = {"search_path": schema}
+        await admin.open()
+        try:
+            ev3 = event("silent-3")
+            assert len((await admin.claim_deliveries(ev3, devices, now, lease)).to_send) == 3
+            assert (await alive.claim_deliveries(ev3, devices, time.time(), lease)).to_send == []
+        finally:
+            await admin.close()
+    finally:
+        await dead.close()
+        await alive.close()
+        await _drop_schema(schema)
+
+
 async def test_concurrent_events_claim_and_settle_independently(store: Store) -> None:
     """Forty calls at once, one callee each (PostgreSQL writes them in shared statements): each
     event claims its own callee's devices, a second delivery of one of them racing in the same
@@ -454,3 +508,106 @@ async def test_sqlite_checkpoint_copies_at_low_priority_and_finishes_at_the_loop
         await store.close()
     names = {t.name for t in threading.enumerate()}
     assert not names & {"ringrelay-sqlite-checkpoint", "ringrelay-sqlite-checkpoint-finish"}
+
+
+async def test_sqlite_file_of_schema_1_is_upgraded_in_place(tmp_path) -> None:
+    """A file written by a ringrelay of schema 1 (no store_probe) opens, keeps its rows, and is
+    at the current version afterwards."""
+    import sqlite3
+
+    from ringrelay.store import sqlite as sqlite_store
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(SQLITE_SCHEMA_1)
+    db.execute(
+        "INSERT INTO registrations (identity, device_id, platform, token, push_kind, app_id, "
+        "created_at, updated_at, expires_at) "  # schema 1's columns
+        "VALUES ('8:acs:r_a', 'd1', 'apns', ?, 'voip', NULL, ?, ?, ?)",
+        ("ab" * 32, NOW, NOW, NOW + 3600),
+    )
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert [r.device_id for r in await store.list_registrations("8:acs:r_a", NOW)] == ["d1"]
+        version = store.db.execute("PRAGMA user_version").fetchone()[0]
+        assert version == sqlite_store.SCHEMA_VERSION
+        columns = {row[1] for row in store.db.execute("PRAGMA table_info(events)")}
+        assert {"caller", "server_call_id", "expires_at"} <= columns
+        store.write_failure = "pretend"  # the probe table is there: the probe write works
+        await store.ping()
+        assert store.write_failure is None
+    finally:
+        await store.close()
+
+
+# The SQLite schema as ringrelay 0.1.0 wrote it (version 1), for the upgrade tests.
+SQLITE_SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS registrations (
+    identity    TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    platform    TEXT NOT NULL,
+    token       TEXT NOT NULL,
+    push_kind   TEXT NOT NULL,
+    app_id      TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (identity, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS registrations_token ON registrations (platform, token);
+CREATE INDEX IF NOT EXISTS registrations_expiry ON registrations (expires_at);
+
+CREATE TABLE IF NOT EXISTS events (
+    event_id       TEXT PRIMARY KEY,
+    event_type     TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    correlation_id TEXT,
+    recipient      TEXT,
+    received_at    REAL NOT NULL,
+    updated_at     REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
+CREATE INDEX IF NOT EXISTS events_updated ON events (updated_at);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    event_id          TEXT NOT NULL,
+    identity          TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    platform          TEXT NOT NULL,
+    token_fingerprint TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    reason            TEXT NOT NULL DEFAULT '',
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    provider          TEXT NOT NULL DEFAULT '',
+    provider_ref      TEXT,
+    lease_until       REAL,
+    updated_at        REAL NOT NULL,
+    PRIMARY KEY (event_id, identity, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated_at);
+
+CREATE TABLE IF NOT EXISTS removed_registrations (
+    identity          TEXT NOT NULL,
+    device_id         TEXT NOT NULL,
+    platform          TEXT NOT NULL,
+    token_fingerprint TEXT NOT NULL,
+    reason            TEXT NOT NULL,
+    removed_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS removed_registrations_identity
+    ON removed_registrations (identity, removed_at);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    scopes      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+) WITHOUT ROWID;
+"""

@@ -14,10 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ringrelay import __version__
-from ringrelay.api import compat, registry, webhook
+from ringrelay.api import calls, compat, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
 from ringrelay.relay import Relay, make_relay, purge_loop
+from ringrelay.store import StoreNotWritable
 
 log = logging.getLogger("ringrelay")
 
@@ -46,11 +47,25 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         for provider in relay.router.providers():
             await provider.start()
         log.info(
-            "ringrelay %s: store %s, delivery %s",
+            "ringrelay %s: store %s, delivery %s, registrar auth %s",
             __version__,
             relay.store.description,
             relay.delivery_description,
+            relay.guard.description,
         )
+        if not relay.guard.required and await relay.store.active_api_keys():
+            # Keys no longer switch authentication on by existing (issue 17): say so, since a
+            # deployment may have relied on that.
+            log.warning(
+                "registrar authentication is off, yet API keys are active: they are not "
+                "required; set RINGRELAY_AUTH_REQUIRED=true to require them"
+            )
+        elif relay.guard.required and await relay.guard.no_credential_can_pass():
+            log.warning(
+                "registrar authentication is required but nothing can authenticate (no JWT "
+                "issuer, no active API key): registrar requests get 503 until `ringrelay keys "
+                "create` makes a key"
+            )
         relay.tasks.append(asyncio.create_task(purge_loop(relay)))
         try:
             yield
@@ -74,17 +89,35 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error_response(list(exc.errors()))
 
+    @app.exception_handler(StoreNotWritable)
+    async def _not_writable(request: Request, exc: StoreNotWritable) -> JSONResponse:
+        # The storage's fault (disk full, read-only), not the request's: retry later. The
+        # cause is the store's own words (a path and SQLite's or PostgreSQL's message).
+        log.error("store not writable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"error": f"store not writable: {exc}; nothing was stored, retry later"},
+            status_code=503,
+            headers={"Retry-After": "30"},
+        )
+
     @app.get("/healthz", tags=["operations"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Store reachable and a provider configured")
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Store reachable and writable, a provider configured",
+    )
     async def readyz() -> JSONResponse:
         checks: dict[str, str] = {}
         ready = True
         try:
             await relay.store.ping()
             checks["store"] = "ok"
+        except StoreNotWritable as exc:
+            checks["store"] = f"not writable: {exc}"
+            ready = False
         except Exception as exc:
             checks["store"] = f"unreachable: {type(exc).__name__}"
             ready = False
@@ -103,5 +136,6 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     webhook.install(app)
     app.webhook = ResponseGuard(webhook.asgi_endpoint)
     app.include_router(registry.router)
+    app.include_router(calls.router)
     app.include_router(compat.router)
     return app

@@ -9,17 +9,32 @@ import gc
 import ipaddress
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
 from ringrelay import __version__
 from ringrelay.config import ConfigError, Settings, load_settings
-from ringrelay.store import Store, open_store
+from ringrelay.store import Store, StoreInUse, open_store
+
+
+def redact_secret_query(path: str) -> str:
+    """`path?query` with the value of every `code` parameter replaced. Names are compared
+    decoded, as the webhook reads them (Starlette's `parse_qsl`), or `?c%6Fde=<secret>` would
+    authenticate and still be logged in clear."""
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, _, _ = field.partition("=")
+        if unquote_plus(name) == "code":
+            fields[i] = f"{name}=<redacted>"
+    return f"{head}?{'&'.join(fields)}"
 
 
 class _RedactSecretQuery(logging.Filter):
@@ -29,8 +44,8 @@ class _RedactSecretQuery(logging.Filter):
         if isinstance(record.args, tuple) and len(record.args) >= 3:
             args = list(record.args)
             path = str(args[2])
-            if "code=" in path:
-                args[2] = re.sub(r"(?<=[?&]code=)[^&]*", "<redacted>", path)
+            if "?" in path:
+                args[2] = redact_secret_query(path)
                 record.args = tuple(args)
         return True
 
@@ -46,7 +61,8 @@ def _settings(args: argparse.Namespace) -> Settings | None:
 
 @contextlib.asynccontextmanager
 async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
-    store = open_store(settings.database_url)
+    # Not a serving store: an admin command may share a SQLite file with a running server.
+    store = open_store(settings.database_url, serving=False)
     await store.open()  # also applies pending migrations
     try:
         yield store
@@ -57,6 +73,23 @@ async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
 async def _active_api_keys(settings: Settings) -> int:
     async with _opened_store(settings) as store:
         return await store.active_api_keys()
+
+
+def _auth_note(settings: Settings) -> str:
+    """Whether a server with these settings asks for the key (creating one changes nothing)."""
+    if settings.auth_required is True or settings.registrar_auth_enabled:
+        return "this configuration requires registrar authentication: servers accept the key now"
+    if settings.auth_required is False:
+        return (
+            "this configuration turns registrar authentication off (RINGRELAY_AUTH_REQUIRED="
+            "false): servers accept anonymous requests and do not need the key; set "
+            "RINGRELAY_AUTH_REQUIRED=true and restart `ringrelay serve` to require it"
+        )
+    return (
+        "with this configuration a server on a non-loopback address requires registrar "
+        "authentication, one on loopback does not (RINGRELAY_AUTH_REQUIRED unset): to require "
+        "the key there too, set RINGRELAY_AUTH_REQUIRED=true and restart `ringrelay serve`"
+    )
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -81,6 +114,7 @@ def _keys(args: argparse.Namespace) -> int:
                     f"created API key {record.key_id} ({record.name}), scopes: "
                     f"{' '.join(record.scopes)}"
                 )
+                print(_auth_note(settings))
                 print("the key is shown only now; store it in your backend's secret store:")
                 print(full)
             elif args.action == "list":
@@ -93,6 +127,14 @@ def _keys(args: argparse.Namespace) -> int:
                     print(f"ringrelay keys: no active key {args.key_id}", file=sys.stderr)
                     return 1
                 print(f"revoked API key {args.key_id}")
+                if settings.registrar_auth_required(beyond_loopback=True) and not (
+                    settings.registrar_auth_enabled or await store.active_api_keys()
+                ):
+                    print(
+                        "no active API key is left and no JWT issuer is configured: a server "
+                        "that requires registrar authentication now answers 503 to every "
+                        "registrar request until a key is created (it does not open)"
+                    )
             return 0
 
     return asyncio.run(run())
@@ -121,6 +163,35 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_HOW_TO_AUTHENTICATE = (
+    "configure RINGRELAY_AUTH_ISSUER for users' JWTs (see README, Security) or create an API key "
+    "for a backend (`ringrelay keys create --name <backend>`)"
+)
+
+
+def _auth_problem(settings: Settings, args: argparse.Namespace) -> str | None:
+    """Why `serve` must not listen on a non-loopback address as configured, if it must not."""
+    if _is_loopback(args.host):
+        return None
+    if not settings.registrar_auth_required(beyond_loopback=not args.insecure):
+        if args.insecure:
+            return None
+        return (
+            "registrar authentication is off (RINGRELAY_AUTH_REQUIRED=false): anyone could "
+            "register a phone for someone else's identity and receive their calls. Unset it or "
+            f"set it to true and {_HOW_TO_AUTHENTICATE}; or bind to 127.0.0.1 behind an "
+            "authenticating proxy, or pass --insecure."
+        )
+    if not settings.registrar_auth_enabled and not asyncio.run(_active_api_keys(settings)):
+        return (
+            "registrar authentication is required there, and nothing could authenticate (no "
+            f"JWT issuer, no active API key): {_HOW_TO_AUTHENTICATE}; or bind to 127.0.0.1 "
+            "behind an authenticating proxy, or pass --insecure to run without authentication "
+            "(with RINGRELAY_AUTH_REQUIRED unset)."
+        )
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -133,30 +204,37 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if (
-        not _is_loopback(args.host)
-        and not settings.registrar_auth_enabled
-        and not asyncio.run(_active_api_keys(settings))
-    ):
-        if not args.insecure:
-            print(
-                f"ringrelay: refusing to listen on {args.host} with no registrar authentication: "
-                "anyone could register a phone for someone else's identity and receive their "
-                "calls. Configure RINGRELAY_AUTH_ISSUER (see README, Security), bind to "
-                "127.0.0.1 behind an authenticating proxy, or pass --insecure.",
-                file=sys.stderr,
+    problem = _auth_problem(settings, args)
+    if problem is not None:
+        print(f"ringrelay: refusing to listen on {args.host}: {problem}", file=sys.stderr)
+        return 2
+    # Decided once, here: whether registrar callers must authenticate never changes with the
+    # keys in the database (see Settings.registrar_auth_required).
+    beyond_loopback = not _is_loopback(args.host)
+    settings = settings.model_copy(
+        update={
+            "auth_required": settings.registrar_auth_required(
+                beyond_loopback=beyond_loopback and not args.insecure
             )
-            return 2
+        }
+    )
+    if beyond_loopback and not settings.auth_required:
         logging.getLogger("ringrelay").warning(
             "INSECURE: listening on %s with no registrar authentication (--insecure)", args.host
         )
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
+    try:
+        relay.store.reserve()  # a second server on one SQLite file stops here, port unbound
+    except StoreInUse as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
     print(
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
+        f"  auth:     {relay.guard.description}\n"
         f"  webhook:  POST http://{args.host}:{args.port}/api/events"
         + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
         flush=True,
@@ -181,12 +259,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _post(url: str, payload: bytes) -> tuple[int, Any]:
+async def _post(url: str, payload: bytes, api_key: str | None = None) -> tuple[int, Any]:
     import aiohttp
 
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
     async with (
         aiohttp.ClientSession() as session,
-        session.post(url, data=payload, headers={"Content-Type": "application/json"}) as resp,
+        session.post(url, data=payload, headers=headers) as resp,
     ):
         text = await resp.read()
         try:
@@ -195,37 +276,48 @@ async def _post(url: str, payload: bytes) -> tuple[int, Any]:
             return resp.status, text.decode(errors="replace")
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from ringrelay.simulate import chat_message_event, incoming_call_event
-
-    if args.event == "chat-message":
-        event = chat_message_event(
-            args.to, args.sender, args.text, args.display_name, thread_id=args.thread
-        )
-    else:
-        event = incoming_call_event(args.to, args.caller, args.display_name)
-    url = args.server.rstrip("/") + "/api/events"
+def _webhook_url(args: argparse.Namespace) -> str:
+    url = str(args.server).rstrip("/") + "/api/events"
     secret = args.secret or os.environ.get("RINGRELAY_WEBHOOK_SECRET")
     if secret:
         from urllib.parse import quote
 
         url += "?code=" + quote(secret, safe="")
+    return url
+
+
+def _print_deliveries(deliveries: list[dict[str, Any]]) -> None:
+    for d in deliveries:
+        line = (
+            f"    - {d['device_id']} [{d['platform']}] {d['status']}"
+            f" via {d['provider'] or '-'} after {d['attempts']} attempt(s)"
+        )
+        if d.get("reason"):
+            line += f": {d['reason']}"
+        print(line)
+
+
+def _post_and_show(
+    args: argparse.Namespace, url: str, body: object, title: str, expect: str, **kw: Any
+) -> tuple[int, dict[str, Any]] | None:
+    """POST, print the title line; None (after saying why) when the answer is not usable."""
     try:
-        status, answer = asyncio.run(_post(url, orjson.dumps([event])))
+        status, answer = asyncio.run(_post(url, orjson.dumps(body), **kw))
     except OSError as exc:
         print(f"ringrelay simulate: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
-    if args.event == "chat-message":
-        print(
-            f"ChatMessageReceived {event['id']} (messageId {event['data']['messageId']}, "
-            f"thread {event['data']['threadId']}) to {args.to}: HTTP {status}"
-        )
-    else:
-        call_id = event["data"]["correlationId"]
-        print(f"IncomingCall {event['id']} (callId {call_id}) to {args.to}: HTTP {status}")
-    if not isinstance(answer, dict) or "events" not in answer:
+        return None
+    print(f"{title}: HTTP {status}")
+    if not isinstance(answer, dict) or expect not in answer:
         print(f"  server said: {answer}")
+        return None
+    return status, answer
+
+
+def _send_events(args: argparse.Namespace, event: dict[str, Any], title: str) -> int:
+    posted = _post_and_show(args, _webhook_url(args), [event], title, "events")
+    if posted is None:
         return 1
+    status, answer = posted
     for report in answer["events"]:
         deliveries = report.get("deliveries", [])
         accepted = sum(1 for d in deliveries if d["status"] == "accepted")
@@ -234,14 +326,60 @@ def _simulate(args: argparse.Namespace) -> int:
             + (f" ({report['reason']})" if report.get("reason") else "")
         )
         print(f"  devices found: {len(deliveries)}, pushes accepted: {accepted}")
-        for d in deliveries:
-            line = (
-                f"    - {d['device_id']} [{d['platform']}] {d['status']}"
-                f" via {d['provider'] or '-'} after {d['attempts']} attempt(s)"
-            )
-            if d.get("reason"):
-                line += f": {d['reason']}"
-            print(line)
+        _print_deliveries(deliveries)
+    return 0 if status == 200 else 1
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import incoming_call_event
+
+    event = incoming_call_event(
+        args.to, args.caller, args.display_name, correlation_id=args.call_id
+    )
+    call_id = event["data"]["correlationId"]
+    return _send_events(args, event, f"IncomingCall {event['id']} (callId {call_id}) to {args.to}")
+
+
+def _simulate_chat_message(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import chat_message_event
+
+    event = chat_message_event(
+        args.to, args.sender, args.text, args.display_name, thread_id=args.thread
+    )
+    data = event["data"]
+    title = (
+        f"ChatMessageReceived {event['id']} (messageId {data['messageId']}, "
+        f"thread {data['threadId']}) to {args.to}"
+    )
+    return _send_events(args, event, title)
+
+
+def _simulate_call_ended(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import call_ended_event
+
+    event = call_ended_event(args.call_id)
+    return _send_events(args, event, f"CallEnded {event['id']} (callId {args.call_id})")
+
+
+def _simulate_answered(args: argparse.Namespace) -> int:
+    """The callee answered on `--device`: what a backend sends through the stop-ringing API."""
+    body: dict[str, Any] = {"answered_device": args.device, "reason": "answered_elsewhere"}
+    if args.identity:
+        body["identity"] = args.identity
+    url = f"{str(args.server).rstrip('/')}/v1/calls/{args.call_id}/stop-ringing"
+    api_key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+    title = f"answered on {args.device} (callId {args.call_id})"
+    posted = _post_and_show(args, url, body, title, "devices", api_key=api_key)
+    if posted is None:
+        return 1
+    status, answer = posted
+    stopped = sum(1 for d in answer["devices"] if d["status"] == "accepted")
+    print(
+        f"  stop status: {answer['status']}"
+        + (f" ({answer['reason']})" if answer.get("reason") else "")
+    )
+    print(f"  devices stopped: {stopped}")
+    _print_deliveries(answer["devices"])
     return 0 if status == 200 else 1
 
 
@@ -295,8 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="caller rawId (4:+<E.164> for a phone caller)",
     )
     call.add_argument("--display-name", default="ringrelay simulator")
-    call.add_argument("--server", default="http://127.0.0.1:8080")
-    call.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
+    call.add_argument("--call-id", help="the call's correlationId (default: a new one)")
     call.set_defaults(func=_simulate)
     chat = sim_sub.add_parser(
         "chat-message", help="a Microsoft.Communication.ChatMessageReceived for one recipient"
@@ -311,9 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--text", default="Hello from the ringrelay simulator")
     chat.add_argument("--display-name", default="ringrelay simulator", help="sender's name")
     chat.add_argument("--thread", help="thread id (default: a new 19:<hex>@thread.v2)")
-    chat.add_argument("--server", default="http://127.0.0.1:8080")
-    chat.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
-    chat.set_defaults(func=_simulate)
+    chat.set_defaults(func=_simulate_chat_message)
+    ended = sim_sub.add_parser("call-ended", help="a Microsoft.Communication.CallEnded")
+    ended.add_argument("--call-id", required=True, help="the ringing call's correlationId")
+    ended.set_defaults(func=_simulate_call_ended)
+    answered = sim_sub.add_parser(
+        "answered", help="the callee answered on one device (POST /v1/calls/{callId}/stop-ringing)"
+    )
+    answered.add_argument("--call-id", required=True, help="the ringing call's correlationId")
+    answered.add_argument("--device", required=True, help="the device that answered")
+    answered.add_argument("--identity", help="the callee (default: every callee of the call)")
+    answered.add_argument(
+        "--api-key", help="an API key with the register scope (default: RINGRELAY_API_KEY)"
+    )
+    answered.set_defaults(func=_simulate_answered)
+    for p in (call, chat, ended, answered):
+        p.add_argument("--server", default="http://127.0.0.1:8080")
+        p.add_argument("--secret", help="webhook secret (default: RINGRELAY_WEBHOOK_SECRET)")
 
     keys = sub.add_parser("keys", help="API keys for trusted backends")
     keys_sub = keys.add_subparsers(dest="action", required=True)

@@ -50,14 +50,19 @@ def parse_connection_string(value: str) -> NotificationHubsConnection:
 
     Split on `;` then on the first `=`, keys case-insensitive, as the Azure SDK parser does
     (azure-servicebus `_parse_conn_str`).
+
+    Errors name a segment by its position, never by its text: a segment without `=` may well
+    be the key itself.
     """
     parts: dict[str, str] = {}
-    for part in value.strip().split(";"):
+    for position, part in enumerate(value.strip().split(";"), start=1):
         if not part.strip():
             continue
         key, sep, val = part.partition("=")
         if not sep:
-            raise ValueError(f"segment {key.strip()!r} has no '='")
+            raise ValueError(
+                f"segment {position} (of the ';'-separated Name=value segments) has no '='"
+            )
         parts[key.strip().lower()] = val.strip()
     missing = [
         name
@@ -234,6 +239,11 @@ class Settings(BaseSettings):
     # Notification Hubs where configured, else the sandbox when nothing is configured at all).
     routes: dict[Platform, Transport] = Field(default_factory=dict)
 
+    # Whether registrar callers must authenticate (a user's JWT or a backend's API key). Decided
+    # at start-up from the configuration, never from what the database holds: unset, it is on
+    # when a JWT issuer is configured or `serve` listens beyond loopback, off on loopback (the
+    # quickstart). See registrar_auth_required.
+    auth_required: bool | None = None
     # Registrar authentication: bearer JWTs from the app's identity provider.
     auth_issuer: str | None = None
     auth_audience: str | None = None
@@ -273,7 +283,15 @@ class Settings(BaseSettings):
 
     @property
     def registrar_auth_enabled(self) -> bool:
+        """A JWT issuer is configured (users can authenticate)."""
         return self.auth_issuer is not None
+
+    def registrar_auth_required(self, *, beyond_loopback: bool = False) -> bool:
+        """RINGRELAY_AUTH_REQUIRED when set; otherwise on with a JWT issuer, or when the service
+        listens beyond loopback (`serve` passes that; `--insecure` opts out of it)."""
+        if self.auth_required is not None:
+            return self.auth_required
+        return self.registrar_auth_enabled or beyond_loopback
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:
@@ -294,6 +312,11 @@ class Settings(BaseSettings):
                 check_algorithms(self.auth_algorithms)
             except ValueError as exc:
                 raise ValueError(f"RINGRELAY_AUTH_ALGORITHMS: {exc}") from None
+            if self.auth_required is False:
+                raise ValueError(
+                    "RINGRELAY_AUTH_REQUIRED: false contradicts RINGRELAY_AUTH_ISSUER (with an "
+                    "issuer configured, callers authenticate); unset one of them"
+                )
         elif self.auth_audience or self.auth_jwks_url or self.auth_public_key_file:
             raise ValueError("RINGRELAY_AUTH_ISSUER: required when other AUTH settings are set")
         if bool(self.eventgrid_tenant_id) != bool(self.eventgrid_audience):
@@ -417,9 +440,16 @@ class Settings(BaseSettings):
         return f"{self.nh_connection().endpoint}{self.nh_hub_name}/messages/"
 
     def nh_resource_uri(self) -> str:
-        """The hub URI the SAS token is scoped to: the messages URL without `/messages/`."""
-        url = self.nh_messages_url().rstrip("/")
-        return url.removesuffix("/messages")
+        """The hub URI the SAS token is scoped to: the connection string's endpoint + the hub
+        name, as Microsoft's ACS sample does (`GenerateToken(connectionString, hubName)`,
+        ../shared/notes/protocols.md §2.2). Not the messages URL: ANHHubUrl may reach the hub
+        through a proxy or a private endpoint, whose address the hub does not answer to. With
+        only ANHHubUrl given, the hub name is the segment before its `/messages/`."""
+        hub = self.nh_hub_name
+        if not hub:
+            segments = urlsplit(self.nh_messages_url()).path.strip("/").split("/")
+            hub = segments[-2] if len(segments) > 1 and segments[-1] == "messages" else segments[-1]
+        return f"{self.nh_connection().endpoint}{hub}"
 
     @classmethod
     def settings_customise_sources(

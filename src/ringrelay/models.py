@@ -60,17 +60,18 @@ class EventStatus(StrEnum):
 
 # ACS raw identifiers (../shared/notes/acs-payloads.md §1.7). Anything that is not one of these
 # shapes is refused at registration: a typo would otherwise store a registration that never rings.
+# Applied with fullmatch: `$` would also match before a trailing newline.
 RAW_ID_RE = re.compile(
-    r"^(?:"
+    r"(?:"
     r"8:(?:acs|gcch-acs|dod-acs|spool|orgid|gcch|dod|teamsvisitor):[A-Za-z0-9._\-]{1,200}"
     r"|28:(?:orgid|gcch|dod):[A-Za-z0-9._\-]{1,200}"
     r"|4:\+?[0-9]{3,20}"
-    r")$"
+    r")"
 )
 
 
 def is_raw_id(value: str) -> bool:
-    return RAW_ID_RE.match(value) is not None
+    return RAW_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x

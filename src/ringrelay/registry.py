@@ -8,11 +8,16 @@ import time
 from ringrelay.models import ChatFormat, Platform, PushKind, Registration, is_raw_id
 from ringrelay.store import Store
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-APP_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{1,255}$")
-HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+# Every pattern here is applied with fullmatch: `$` would also match before a trailing newline.
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+APP_ID_RE = re.compile(r"[A-Za-z0-9._\-]{1,255}")
+HEX_RE = re.compile(r"[0-9a-fA-F]+")
 # FCM, ADM and Baidu tokens are opaque: bounded, printable, no whitespace.
-OPAQUE_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:\-.=+/]{1,4096}$")
+OPAQUE_TOKEN_RE = re.compile(r"[A-Za-z0-9_:\-.=+/]{1,4096}")
+# A WNS channel is an https URI (WinRT PushNotificationChannel.Uri), and a URI is printable ASCII,
+# anything else percent-encoded (RFC 3986 §2): a NUL or a non-Latin-1 character is no channel, and
+# could not even be sent in the Notification Hubs device-handle header.
+WNS_CHANNEL_RE = re.compile(r"https://[\x21-\x7e]{1,2040}")
 MAX_APNS_TOKEN_HEX = 400  # Apple: "device tokens are of variable length"; 200 bytes is generous
 
 
@@ -31,7 +36,7 @@ def check_identity(identity: str) -> None:
 
 
 def check_device_id(device_id: str) -> None:
-    if not DEVICE_ID_RE.match(device_id):
+    if not DEVICE_ID_RE.fullmatch(device_id):
         raise RegistrationError("device_id", "1-128 characters of A-Z a-z 0-9 . _ : -")
 
 
@@ -40,25 +45,33 @@ def check_token(platform: Platform, token: str) -> None:
         raise RegistrationError("token", "empty")
     if platform is Platform.APNS:
         # The token is binary, sent as hex in the :path (Apple, "Sending notification requests").
-        if not HEX_RE.match(token) or len(token) % 2:
+        if not HEX_RE.fullmatch(token) or len(token) % 2:
             raise RegistrationError("token", "APNs tokens are an even-length hexadecimal string")
         if not 16 <= len(token) <= MAX_APNS_TOKEN_HEX:
             raise RegistrationError(
                 "token", f"APNs token length must be 16-{MAX_APNS_TOKEN_HEX} hex digits"
             )
     elif platform is Platform.WNS:
-        if not token.startswith("https://") or len(token) > 2048 or any(c.isspace() for c in token):
+        if not WNS_CHANNEL_RE.fullmatch(token):
             raise RegistrationError(
-                "token", "WNS tokens are https:// channel URIs of <= 2048 chars"
+                "token",
+                "WNS tokens are https:// channel URIs of <= 2048 printable ASCII characters",
             )
-    elif not OPAQUE_TOKEN_RE.match(token):
+    elif not OPAQUE_TOKEN_RE.fullmatch(token):
         raise RegistrationError(
             "token", f"{platform.value} tokens are 1-4096 printable characters without spaces"
         )
 
 
+def normalise_token(platform: Platform, token: str) -> str:
+    """The one spelling a token is stored under. An APNs token is hex for binary bytes, so its
+    case carries nothing: one phone registered as `AB…` and `ab…` is one device, and must be
+    stored once, or a token moving to a new identity would leave the old one ringing it too."""
+    return token.lower() if platform is Platform.APNS else token
+
+
 def check_app_id(app_id: str | None) -> None:
-    if app_id is not None and not APP_ID_RE.match(app_id):
+    if app_id is not None and not APP_ID_RE.fullmatch(app_id):
         raise RegistrationError("app_id", "1-255 characters of A-Z a-z 0-9 . _ -")
 
 
@@ -80,6 +93,7 @@ def build_registration(
     check_device_id(device_id)
     check_token(platform, token)
     check_app_id(app_id)
+    token = normalise_token(platform, token)
     now = time.time() if now is None else now
     return Registration(
         identity=identity,

@@ -70,6 +70,60 @@ def incoming_call_event(
     }
 
 
+def _event_envelope(event_type: str, subject: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "topic": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ringrelay/"
+        "providers/Microsoft.Communication/communicationServices/ringrelay-sim",
+        "subject": subject,
+        "data": data,
+        "eventType": event_type,
+        "dataVersion": "1.0",
+        "metadataVersion": "1",
+        "eventTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z"),
+    }
+
+
+def _call_data(correlation_id: str, server_call_id: str | None) -> dict[str, Any]:
+    # The shape of the docs' examples (../shared/fixtures/events/call*.json).
+    return {
+        "serverCallId": server_call_id or _b64url(os.urandom(48)),
+        "group": {"id": "00000000-0000-0000-0000-000000000000"},
+        "isTwoParty": True,
+        "correlationId": correlation_id,
+        "isRoomsCall": False,
+    }
+
+
+def call_ended_event(correlation_id: str, server_call_id: str | None = None) -> dict[str, Any]:
+    """One Microsoft.Communication.CallEnded event in the Event Grid schema."""
+    data = _call_data(correlation_id, server_call_id)
+    data["durationOfCall"] = 0.0
+    return _event_envelope(
+        "Microsoft.Communication.CallEnded", f"call/{data['serverCallId']}", data
+    )
+
+
+def participant_added_event(
+    correlation_id: str, participant: str, server_call_id: str | None = None
+) -> dict[str, Any]:
+    """One Microsoft.Communication.CallParticipantAdded event: `participant` joined the call."""
+    data = _call_data(correlation_id, server_call_id)
+    ident = _identifier(participant)
+    data.update(
+        {
+            "user": {"communicationIdentifier": ident, "role": "Attendee"},
+            "displayName": "",
+            "participantId": str(uuid.uuid4()),
+        }
+    )
+    return _event_envelope(
+        "Microsoft.Communication.CallParticipantAdded",
+        f"call/{data['serverCallId']}/participant/{participant}",
+        data,
+    )
+
+
 def chat_message_event(
     to: str,
     sender: str = "8:acs:00000000-0000-0000-0000-000000000000_sender",

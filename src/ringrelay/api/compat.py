@@ -10,7 +10,6 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from ringrelay.auth.guard import OPEN
 from ringrelay.models import Platform, PushKind
 from ringrelay.providers.notificationhubs import FORMATS as NOTIFICATION_HUBS_FORMATS
 from ringrelay.redact import fingerprint
@@ -129,8 +128,10 @@ async def get_device_registrations(request: Request, acsMri: str | None = None) 
     if not acsMri:
         return _text(400, "Could not find acsMri field in the url query")
     principal = await relay.guard.authorize_identity(request, acsMri)
-    # The full token goes only to its owner (or anyone, when no authentication is configured).
-    full_tokens = principal is OPEN or principal.identity == acsMri
+    # The full token goes only to its owner, authenticated as that identity; everyone else (an
+    # anonymous caller when authentication is off, a backend's key) sees a fingerprint, as the
+    # native listing shows to all.
+    full_tokens = principal.identity == acsMri
     regs = await relay.store.list_registrations(acsMri, time.time())
     if not regs:
         return _text(404, "No user registration info found")

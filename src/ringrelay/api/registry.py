@@ -279,37 +279,6 @@ async def removed_devices(identity: str, request: Request) -> dict[str, Any]:
     }
 
 
-@router.get(
-    "/calls/{call_id}",
-    tags=["deliveries"],
-    summary="Per-device outcome of every push for a call (by correlationId)",
-    responses={404: {"description": "No event recorded for this call"}},
-)
-async def call_deliveries(call_id: str, request: Request) -> dict[str, Any]:
-    relay: Relay = request.app.state.relay
-    principal = await relay.guard.authorize(request, "read")
-    events = await relay.store.events_for_call(call_id)
-    if principal.identity is not None:  # a user sees only the calls made to them
-        events = [ev for ev in events if ev.recipient == principal.identity]
-    if not events:
-        raise HTTPException(status_code=404, detail="no event recorded for this callId")
-    return {
-        "callId": call_id,
-        "events": [
-            {
-                "id": ev.event_id,
-                "type": ev.event_type,
-                "status": ev.status,
-                "reason": ev.reason,
-                "recipient": ev.recipient,
-                "received_at": _ts(ev.received_at),
-                "deliveries": [outcome_json(d) for d in ev.deliveries],
-            }
-            for ev in events
-        ],
-    }
-
-
 THREAD_ID_RE = re.compile(r"^[A-Za-z0-9:@._\-]{1,256}$")  # e.g. 19:<hex>@thread.v2
 
 

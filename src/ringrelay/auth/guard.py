@@ -6,7 +6,6 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ class Principal:
     """The authenticated caller of the registry API.
 
     A user (JWT) acts on its own `identity` only; a backend (API key) on any identity, within
-    its scopes; with no authentication configured, everyone is unrestricted.
+    its scopes; with registrar authentication off, everyone is unrestricted.
     """
 
     identity: str | None
@@ -45,7 +44,7 @@ class Principal:
     scopes: frozenset[str] = ALL_SCOPES
 
 
-OPEN = Principal(identity=None, subject="anonymous (no registrar auth configured)")
+OPEN = Principal(identity=None, subject="anonymous (registrar authentication is off)")
 
 
 def _ssl_for(ca_file: Any) -> ssl.SSLContext | bool:
@@ -96,8 +95,9 @@ class Guard:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self._keys_checked_at = -1e9
-        self._keys_active = False
+        # Fixed for the life of the process: revoking the last API key must not open the
+        # registry, nor creating the first one close a quickstart server.
+        self.required = settings.registrar_auth_required()
         self.per_identity = RateLimiter(settings.rate_limit_per_identity)
         self.per_client = RateLimiter(settings.rate_limit_per_client)
         self.registrar = registrar_verifier(settings)
@@ -107,16 +107,22 @@ class Guard:
 
     # --- registrar -------------------------------------------------------------------------
 
-    async def auth_required(self) -> bool:
-        """On when a JWT issuer is configured or any API key is active (keys created by the
-        CLI in another process are noticed within a few seconds)."""
-        if self.registrar is not None:
-            return True
-        now = time.monotonic()
-        if now - self._keys_checked_at > 5.0:
-            self._keys_active = await self.store.active_api_keys() > 0
-            self._keys_checked_at = now
-        return self._keys_active
+    @property
+    def description(self) -> str:
+        """What the start-up banner and log say about registrar authentication."""
+        if not self.required:
+            return (
+                "off: anyone who can connect may register devices "
+                "(RINGRELAY_AUTH_REQUIRED=true requires a JWT or an API key)"
+            )
+        ways = ["API keys"]
+        if self.settings.auth_issuer is not None:
+            ways.insert(0, f"JWTs from {self.settings.auth_issuer}")
+        return f"required ({', '.join(ways)})"
+
+    async def no_credential_can_pass(self) -> bool:
+        """Auth is required, yet nothing could authenticate: no JWT issuer, no active key."""
+        return self.registrar is None and await self.store.active_api_keys() == 0
 
     async def _api_key_principal(self, presented: str) -> Principal:
         parts = split_key(presented)
@@ -128,7 +134,7 @@ class Guard:
         return Principal(None, f"api key {record.key_id} ({record.name})", frozenset(record.scopes))
 
     async def principal(self, request: Request) -> Principal:
-        if not await self.auth_required():
+        if not self.required:
             return OPEN
         authorization = request.headers.get("authorization")
         api_key = request.headers.get("x-api-key")
@@ -137,8 +143,22 @@ class Guard:
                 api_key = bearer_token(authorization)
             if api_key is not None:
                 return await self._api_key_principal(api_key)
+            if await self.no_credential_can_pass():
+                log.warning(
+                    "registrar request refused: authentication is required and no API key is "
+                    "active (and no JWT issuer is configured)"
+                )
+                raise HTTPException(
+                    status_code=503,
+                    detail=(
+                        "registrar authentication is required (RINGRELAY_AUTH_REQUIRED) but "
+                        "nothing can authenticate: no JWT issuer is configured and no API key "
+                        "is active; an operator must create one (`ringrelay keys create`) or "
+                        "configure RINGRELAY_AUTH_ISSUER"
+                    ),
+                )
             if self.registrar is None:
-                raise AuthError("an API key is required")
+                raise AuthError("an API key is required (X-API-Key or Authorization: Bearer)")
             claims = await self.registrar.verify(bearer_token(authorization))
         except AuthError as exc:
             log.info("registrar request refused: %s", exc)
@@ -161,13 +181,11 @@ class Guard:
         self, request: Request, scope: str, identity: str | None = None
     ) -> Principal:
         """The caller needs `scope` (or admin); a user may act on its own identity only.
-        Every registrar request also counts against its client's and identity's rate."""
+        Every registrar request counts against its client address's rate; a request that is
+        allowed also counts against the rate of the identity it acts as."""
         client = request.client.host if request.client else "unknown"
         self._limit(self.per_client, f"client:{client}")
         principal = await self.principal(request)
-        # Counted once the caller is known, so strangers cannot use up someone's allowance.
-        if identity is not None:
-            self._limit(self.per_identity, f"identity:{identity}")
         if scope not in principal.scopes and "admin" not in principal.scopes:
             log.info("%s lacks the %s scope", principal.subject, scope)
             raise HTTPException(
@@ -178,6 +196,11 @@ class Guard:
             raise HTTPException(
                 status_code=403, detail="the token's identity may only manage its own devices"
             )
+        # Counted only now, against the caller's own identity (a backend's key: the identity it
+        # manages), so refused requests cannot use up someone else's allowance.
+        limited = principal.identity or identity
+        if limited is not None:
+            self._limit(self.per_identity, f"identity:{limited}")
         return principal
 
     @staticmethod

@@ -278,11 +278,21 @@ class Dispatcher:
                 record.reason = plan.expired_reason
         else:
             stop_at = min(deadline, plan.expires_at)
-            pushes = [self._push_with_retries(reg, plan, stop_at, claim) for reg in claim.to_send]
+            to_push = claim.to_send
+            skipped: list[DeliveryOutcome] = []
+            if plan.skip:
+                to_push = [r for r in claim.to_send if r.device_id not in plan.skip]
+                skipped = [
+                    self._outcome(r, DeliveryStatus.CANCELLED, plan.skip[r.device_id], claim)
+                    for r in claim.to_send
+                    if r.device_id in plan.skip
+                ]
+            pushes = [self._push_with_retries(reg, plan, stop_at, claim) for reg in to_push]
             # Every device at once; a lone device needs no task of its own.
             outcomes = (
                 [await pushes[0]] if len(pushes) == 1 else list(await asyncio.gather(*pushes))
             )
+            outcomes += skipped
             busy = bool(claim.busy or plan.waiting)
             record.status = _event_status([*outcomes, *claim.settled], busy)
             if claim.busy or plan.waiting:
@@ -406,6 +416,8 @@ class Dispatcher:
                 attempts,
                 reason,
             )
+        if status is DeliveryStatus.ACCEPTED and not reason:
+            reason = plan.record.reason  # a stop's accepted push says who stopped the ringing
         return self._outcome(
             reg, status, reason, claim, attempts, provider.name, result.provider_ref
         )
@@ -435,7 +447,10 @@ class Dispatcher:
 def _event_status(outcomes: list[DeliveryOutcome], busy: bool) -> EventStatus:
     if busy or any(not o.status.settled for o in outcomes):
         return EventStatus.PENDING
-    if all(o.status is DeliveryStatus.ACCEPTED for o in outcomes):
+    if all(o.status in (DeliveryStatus.ACCEPTED, DeliveryStatus.CANCELLED) for o in outcomes):
+        # Cancelled: not wanted any more (the call stopped), which is no failure.
+        if all(o.status is DeliveryStatus.CANCELLED for o in outcomes):
+            return EventStatus.CANCELLED
         return EventStatus.DELIVERED
     if all(o.status is DeliveryStatus.EXPIRED for o in outcomes):
         return EventStatus.EXPIRED

@@ -73,6 +73,9 @@ class PushPlan:
     # Devices that must settle elsewhere first (a ring in flight on another instance): shown,
     # and they keep the event pending so that Event Grid's retry finishes the job.
     waiting: list[DeliveryOutcome] = field(default_factory=list)
+    # Devices claimed and settled as cancelled, with the reason, instead of pushed (the device
+    # that answered gets no stop, now or from a later end event).
+    skip: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

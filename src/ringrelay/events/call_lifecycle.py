@@ -49,37 +49,37 @@ def _rejected(event: Event, reason: str) -> Decision:
     return Decision.final(event.id, event.type, EventStatus.REJECTED, reason)
 
 
+async def _stop(event: Event, ctx: Context, *, by_participant: bool) -> Decision:
+    data = event.data
+    if not isinstance(data, dict):
+        return _rejected(event, "data: missing or not an object")
+    participant = _participant(data) if by_participant else None
+    if by_participant and participant is None:
+        return _rejected(event, "data.user.communicationIdentifier.rawId: missing")
+    call_id = await call_id_of(data, ctx)
+    if call_id is None:
+        return _rejected(event, "data.correlationId: missing, and no known serverCallId")
+    source = EventRecord(
+        event.id, event.type, EventStatus.PENDING, "", call_id, participant, ctx.received_at
+    )
+    why = "answered elsewhere" if by_participant else "call ended"
+    return await plan_stop(ctx, source, call_id, identity=participant, why=why)
+
+
 class CallEnded:
     event_types = (CALL_ENDED,)
 
     async def decide(self, event: Event, ctx: Context) -> Decision:
-        if not isinstance(event.data, dict):
-            return _rejected(event, "data: missing or not an object")
-        call_id = await call_id_of(event.data, ctx)
-        if call_id is None:
-            return _rejected(event, "data.correlationId: missing, and no known serverCallId")
-        source = EventRecord(
-            event.id, event.type, EventStatus.PENDING, "", call_id, None, ctx.received_at
-        )
-        return await plan_stop(ctx, source, call_id, identity=None, why="call ended")
+        return await _stop(event, ctx, by_participant=False)
 
 
 class CallParticipantAdded:
+    """The participant joined: if it is a callee that rang, its ringing stops."""
+
     event_types = (CALL_PARTICIPANT_ADDED,)
 
     async def decide(self, event: Event, ctx: Context) -> Decision:
-        if not isinstance(event.data, dict):
-            return _rejected(event, "data: missing or not an object")
-        participant = _participant(event.data)
-        if participant is None:
-            return _rejected(event, "data.user.communicationIdentifier.rawId: missing")
-        call_id = await call_id_of(event.data, ctx)
-        if call_id is None:
-            return _rejected(event, "data.correlationId: missing, and no known serverCallId")
-        source = EventRecord(
-            event.id, event.type, EventStatus.PENDING, "", call_id, participant, ctx.received_at
-        )
-        return await plan_stop(ctx, source, call_id, identity=participant, why="answered elsewhere")
+        return await _stop(event, ctx, by_participant=True)
 
 
 class Acknowledged:

@@ -1,9 +1,13 @@
 """Stop ringing: a StopRinging (eventId 110) push to every device that rang for a call.
 
-Shared by the call-lifecycle event kinds and the `POST /v1/calls/{callId}/stop-ringing` API. The
-stop's ledger key is the call (`stop:<callId>`, or `stop:<callId>:<identity>` when one callee
-answered), so each device gets at most one stop per call, whichever end event or instance sends
-it; the same record tells a late IncomingCall that its call already stopped.
+Shared by the call-lifecycle event kinds and the `POST /v1/calls/{callId}/stop-ringing` API.
+Two records per call:
+- the stop ledger (`stop:<callId>`, type `ringrelay.StopRinging`): its claims make each device
+  get at most one stop per call, whichever end event, redelivery, API call or instance sends it;
+  the device that answered is settled there as cancelled, so no later stop reaches it either;
+- the fact that the call stopped (`stopped:<callId>` for everyone when it ended,
+  `stopped:<callId>:<identity>` when that callee answered; type `ringrelay.CallStopped`), which
+  a late IncomingCall reads so that it is not pushed, and a ring's retries read to give up.
 """
 
 from __future__ import annotations
@@ -16,17 +20,17 @@ from ringrelay.events.ingest import INCOMING_CALL
 from ringrelay.events.kind import Context
 from ringrelay.models import DeliveryOutcome, DeliveryStatus, EventRecord, EventStatus, PushKind
 from ringrelay.payloads import stop_ringing_push
-from ringrelay.store import STOP_TYPE
+from ringrelay.store import CALL_STOPPED
 
-STOP_RINGING = STOP_TYPE  # our record type for a call's stop ledger
+STOP_RINGING = "ringrelay.StopRinging"  # the stop ledger's record type
 
 
-def stop_record_id(call_id: str, identity: str | None) -> str:
-    return f"stop:{call_id}" if identity is None else f"stop:{call_id}:{identity}"
+def stopped_record_id(call_id: str, identity: str | None) -> str:
+    return f"stopped:{call_id}" if identity is None else f"stopped:{call_id}:{identity}"
 
 
 def stop_applies(stops: list[EventRecord], identity: str) -> EventRecord | None:
-    """The stop that ends `identity`'s ringing for the call, if any (None recipient: everyone)."""
+    """The record that ends `identity`'s ringing for the call, if any (no recipient: everyone)."""
     for stop in stops:
         if stop.recipient is None or stop.recipient == identity:
             return stop
@@ -45,18 +49,19 @@ async def plan_stop(
     """Plans stopping the devices that rang for `call_id` (only `identity`'s, when given),
     except `answered_device`."""
     store = ctx.store
-    marker = EventRecord(
-        stop_record_id(call_id, identity),
-        STOP_RINGING,
-        EventStatus.PENDING,
+    fact = EventRecord(
+        stopped_record_id(call_id, identity),
+        CALL_STOPPED,
+        EventStatus.IGNORED,
         why,
         call_id,
         identity,
         ctx.received_at,
     )
-    # First the fact, so that a ring deciding or retrying now (here or elsewhere) gives up.
+    # The fact first, so that a ring deciding or retrying now (here or elsewhere) gives up.
     ctx.stopped.stop(call_id, identity, ctx.received_at + ctx.ring_window)
-    await store.record_event(marker, time.time())
+    if not any(s.event_id == fact.event_id for s in await store.call_stops(call_id)):
+        await store.record_event(fact, time.time())  # the first stop says who stopped it
 
     # A ring of this call still under way here: wait for it, so that its devices are known.
     running = ctx.pushes_in_flight(call_id)
@@ -64,8 +69,8 @@ async def plan_stop(
         wait = max(0.0, ctx.deadline - time.time() - 1.0)
         await asyncio.wait([asyncio.ensure_future(r) for r in running], timeout=wait)
 
-    rung: dict[str, dict[str, DeliveryOutcome]] = {}  # identity -> device -> ring outcome
-    waiting: dict[str, list[DeliveryOutcome]] = {}
+    rung: dict[str, set[str]] = {}  # identity -> devices whose ring was accepted
+    waiting: dict[str, list[DeliveryOutcome]] = {}  # rings in flight under another claim
     rings: dict[str, EventRecord] = {}
     for record in await store.events_for_call(call_id):
         if record.event_type != INCOMING_CALL or record.recipient is None:
@@ -75,32 +80,32 @@ async def plan_stop(
         rings.setdefault(record.recipient, record)
         for outcome in record.deliveries:
             if outcome.status is DeliveryStatus.ACCEPTED:
-                rung.setdefault(outcome.identity, {})[outcome.device_id] = outcome
+                rung.setdefault(outcome.identity, set()).add(outcome.device_id)
             elif outcome.status is DeliveryStatus.IN_FLIGHT:
                 waiting.setdefault(outcome.identity, []).append(outcome)
 
     plans: list[PushPlan] = []
-    skipped = 0
     now = time.time()
     for callee, ring in rings.items():
-        devices = rung.get(callee, {})
-        if answered_device is not None and devices.pop(answered_device, None) is not None:
-            skipped += 1
+        devices = rung.get(callee, set())
         held = [w for w in waiting.get(callee, []) if w.device_id not in devices]
         if not devices and not held:
             continue
         live = {r.device_id: r for r in await store.list_registrations(callee, now)}
-        targets = [live[d] for d in devices if d in live]
+        targets = [live[d] for d in sorted(devices) if d in live]
+        skip = {}
+        if answered_device is not None and answered_device in devices:
+            skip[answered_device] = "answered on this device: no stop"
         ends_at = ring.expires_at or ring.received_at + ctx.ring_window
         plans.append(
             PushPlan(
                 EventRecord(
-                    marker.event_id,
+                    f"stop:{call_id}",
                     STOP_RINGING,
                     EventStatus.PENDING,
                     why,
                     call_id,
-                    identity,
+                    None,
                     ctx.received_at,
                 ),
                 callee,
@@ -109,6 +114,7 @@ async def plan_stop(
                 ends_at,
                 targets=targets,
                 waiting=held,
+                skip=skip,
                 window="ring window",
                 no_targets_reason="the devices that rang are no longer registered",
                 expired_reason="ring window over: the phone already stopped ringing by itself",
@@ -116,13 +122,7 @@ async def plan_stop(
         )
     if not plans:
         source.status = EventStatus.NO_DEVICES
-        source.reason = (
-            f"{why}: no other device rang for this call"
-            if skipped
-            else f"{why}: no device rang for this call"
-        )
-        marker.status, marker.reason = source.status, source.reason
-        await store.record_event(marker, time.time())
+        source.reason = f"{why}: no device rang for this call"
     else:
         source.reason = why
     return Decision(source, plans)

@@ -1,10 +1,11 @@
 """A fake Azure Notification Hubs that checks what the real one checks on a direct send.
 
 It verifies the SAS token (HMAC-SHA256 of the URL-encoded resource URI + "\\n" + expiry, keyed
-with the UTF-8 key: learn.microsoft.com/rest/api/notificationhubs/common-concepts), the direct-send
-query and headers, and the body for the platform format; then answers 201 with a Location, or
-whatever the test scripted (401, 403, 404, 429, 500, delays). The check is written independently
-of the provider's signing code on purpose: a shared bug would pass unseen.
+with the UTF-8 key: learn.microsoft.com/rest/api/notificationhubs/common-concepts) and its scope
+against the hub's own URI (not the address the request came by: a proxy in front changes that),
+the direct-send query and headers, and the body for the platform format; then answers 201 with a
+Location, or whatever the test scripted (401, 403, 404, 429, 500, delays). The check is written
+independently of the provider's signing code on purpose: a shared bug would pass unseen.
 
 Control API (JSON): `POST /_fake/script` {"status": 500, "times": 2, "retry_after": 1, "delay": 0,
 "handle": optional device handle}; `GET /_fake/pushes`; `DELETE /_fake/pushes`.
@@ -110,7 +111,7 @@ class FakeNotificationHubs:
 
     # --- checks ----------------------------------------------------------------------------
 
-    def _check_sas(self, header: str, request_url: str) -> str | None:
+    def _check_sas(self, header: str, entity_uri: str) -> str | None:
         prefix = "SharedAccessSignature "
         if not header.startswith(prefix):
             return "Authorization is not a SharedAccessSignature"
@@ -131,9 +132,13 @@ class FakeNotificationHubs:
             return "se is not an integer"
         if expiry < time.time():
             return "SAS token expired"
-        resource = unquote(fields["sr"]).lower()
-        if not request_url.lower().startswith(resource):
-            return f"token scope {resource} does not cover {request_url}"
+        # The hub checks the scope against its own name for the entity, whatever address the
+        # request came in by (a proxy, a private endpoint): `sr` must be a prefix of the hub's
+        # URI, <namespace endpoint>/<hub>. The scheme is left out of the comparison: the docs
+        # show http:// scopes, the SDKs https:// ones, and no source says the hub minds.
+        resource = unquote(fields["sr"]).lower().split("://", 1)[-1]
+        if not entity_uri.lower().split("://", 1)[-1].startswith(resource):
+            return f"token scope {resource} does not cover {entity_uri}"
         expected = base64.b64encode(
             hmac.new(
                 self.key.encode("utf-8"), f"{fields['sr']}\n{expiry}".encode(), hashlib.sha256
@@ -188,7 +193,10 @@ class FakeNotificationHubs:
         if "direct" not in request.query or "api-version" not in request.query:
             return self._answer(400, "direct send needs ?direct&api-version=")
         url = f"{request.scheme}://{request.host}{request.path}"
-        problem = self._check_sas(request.headers.get("Authorization", ""), url)
+        # The entity as the hub names it: its namespace endpoint, not the Host header.
+        problem = self._check_sas(
+            request.headers.get("Authorization", ""), f"{self.base_url}{request.path}"
+        )
         if problem:
             return self._answer(401, problem)
         fmt = request.headers.get("ServiceBusNotification-Format", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,3 +62,31 @@ def parse_retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return max(0.0, seconds)
+
+
+def certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind `exc`, if that is what it is: looked for in
+    its causes, contexts, arguments and `reason` (urllib3's MaxRetryError), since client
+    libraries wrap it (google-auth -> urllib3 -> ssl)."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return item
+        seen.add(id(item))
+        pending += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None
+
+
+def certificate_result(where: str, error: ssl.SSLCertVerificationError, fix: str) -> PushResult:
+    """A certificate that does not verify is our configuration (the CA to trust, the endpoint's
+    name), never a passing failure: settled at once, saying which setting fixes it."""
+    detail = error.verify_message or str(error)
+    return PushResult(
+        DeliveryStatus.CONFIG_ERROR,
+        f"TLS certificate of {where} not trusted ({detail}): check the endpoint, or trust the "
+        f"CA that signed it with {fix}",
+    )

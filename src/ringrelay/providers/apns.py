@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ringrelay.models import DeliveryStatus, Platform, PushKind
 from ringrelay.payloads import apns_collapse_id, apns_size_error, encode
-from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+from ringrelay.providers import PushRequest, PushResult, certificate_result, parse_retry_after
 from ringrelay.providers.h2client import (
+    H2CertificateError,
     H2ConnectionLost,
     H2Error,
     H2Pool,
@@ -283,6 +284,12 @@ class ApnsProvider:
                 )
             except TimeoutError:
                 return PushResult(DeliveryStatus.TRANSIENT, "timeout")
+            except H2CertificateError as exc:
+                result = certificate_result(
+                    f"APNs ({exc.where})", exc.error, f"ca_file in the [[apns]] app {self.app_id}"
+                )
+                log.error("APNs app %s: %s", self.app_id, result.reason)
+                return result
             except H2ConnectionLost as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, str(exc))
             except H2Error as exc:

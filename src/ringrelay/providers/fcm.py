@@ -30,8 +30,15 @@ from google.oauth2 import service_account
 
 from ringrelay.models import DeliveryStatus, Platform
 from ringrelay.payloads import FCM_MAX_BYTES, fcm_size_error, fcm_v1_message
-from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+from ringrelay.providers import (
+    PushRequest,
+    PushResult,
+    certificate_error,
+    certificate_result,
+    parse_retry_after,
+)
 from ringrelay.providers.h2client import (
+    H2CertificateError,
     H2ConnectionLost,
     H2Error,
     H2Pool,
@@ -226,6 +233,15 @@ class FcmProvider:
                 log.error("FCM app %s: OAuth token refused: %s", self.app_id, exc)
                 return PushResult(DeliveryStatus.CONFIG_ERROR, f"OAuth token refused: {exc}")
             except (TransportError, GoogleAuthError, OSError) as exc:
+                bad_certificate = certificate_error(exc)
+                if bad_certificate is not None:
+                    result = certificate_result(
+                        "the OAuth token endpoint",
+                        bad_certificate,
+                        f"ca_file in the [[fcm]] app {self.app_id}",
+                    )
+                    log.error("FCM app %s: %s", self.app_id, result.reason)
+                    return result
                 return PushResult(DeliveryStatus.TRANSIENT, f"OAuth token endpoint: {exc}")
             try:
                 resp = await self.pool.request(
@@ -233,6 +249,12 @@ class FcmProvider:
                 )
             except TimeoutError:
                 return PushResult(DeliveryStatus.TRANSIENT, "timeout")
+            except H2CertificateError as exc:
+                result = certificate_result(
+                    f"FCM ({exc.where})", exc.error, f"ca_file in the [[fcm]] app {self.app_id}"
+                )
+                log.error("FCM app %s: %s", self.app_id, result.reason)
+                return result
             except H2ConnectionLost as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, str(exc))
             except H2Error as exc:

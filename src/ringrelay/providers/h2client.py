@@ -81,6 +81,15 @@ class H2ConnectionLost(H2Error):
     """The connection closed while the stream was open: the server may have processed it."""
 
 
+class H2CertificateError(H2Error):
+    """The server's TLS certificate did not verify: nothing was sent (a configuration error)."""
+
+    def __init__(self, where: str, error: ssl.SSLCertVerificationError) -> None:
+        super().__init__(f"{where}: {error.verify_message or error}")
+        self.where = where
+        self.error = error
+
+
 class StreamNotProcessed(H2Error):
     """GOAWAY or REFUSED_STREAM: the server did not act on the stream, so resending is safe."""
 
@@ -782,6 +791,9 @@ class H2Pool:
                     raise H2Error(f"{self.authority} did not negotiate HTTP/2 (ALPN h2)")
                 # The server's SETTINGS (max concurrent streams) must be known before sending.
                 await conn.ready
+        except ssl.SSLCertVerificationError as exc:  # an OSError too: caught first
+            conn.closed = True
+            raise H2CertificateError(self.authority, exc) from exc
         except (OSError, TimeoutError) as exc:
             conn.closed = True
             raise H2ConnectionLost(f"cannot connect to {self.authority}: {exc!r}") from exc

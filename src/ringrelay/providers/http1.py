@@ -32,6 +32,15 @@ class HttpError(Exception):
     """The exchange failed before a complete response arrived (connection, protocol)."""
 
 
+class CertificateError(HttpError):
+    """The server's TLS certificate did not verify: nothing was sent (a configuration error)."""
+
+    def __init__(self, where: str, error: ssl.SSLCertVerificationError) -> None:
+        super().__init__(f"{where}: {error.verify_message or error}")
+        self.where = where
+        self.error = error
+
+
 @dataclass(slots=True)
 class HttpResponse:
     status: int
@@ -210,6 +219,8 @@ class Http1Pool:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                 )
+        except ssl.SSLCertVerificationError as exc:  # an OSError too: caught first
+            raise CertificateError(f"{self.host}:{self.port}", exc) from exc
         except OSError as exc:
             raise HttpError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self.connections_made += 1

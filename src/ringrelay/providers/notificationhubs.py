@@ -28,8 +28,8 @@ from ringrelay.payloads import (
     gcm_legacy_body,
     wns_raw_body,
 )
-from ringrelay.providers import PushRequest, PushResult, parse_retry_after
-from ringrelay.providers.http1 import Http1Pool, HttpError, pool_for
+from ringrelay.providers import PushRequest, PushResult, certificate_result, parse_retry_after
+from ringrelay.providers.http1 import CertificateError, Http1Pool, HttpError, pool_for
 
 log = logging.getLogger("ringrelay.notificationhubs")
 
@@ -205,6 +205,10 @@ class NotificationHubsProvider:
             )
         except TimeoutError:
             return PushResult(DeliveryStatus.TRANSIENT, "timeout")
+        except CertificateError as exc:
+            result = certificate_result(f"the hub ({exc.where})", exc.error, "RINGRELAY_NH_CA_FILE")
+            log.error("Notification Hubs: %s", result.reason)
+            return result
         except HttpError as exc:
             return PushResult(DeliveryStatus.TRANSIENT, f"connection error: {exc}")
         except ValueError as exc:  # a header value with a line break: never sent

@@ -7,8 +7,24 @@ from typing import Protocol
 
 from ringrelay.models import DeliveryOutcome, EventRecord, PushKind, Registration
 
-# The record type of a call's stop ledger (events/stop_ringing.py), read on every IncomingCall.
-STOP_TYPE = "ringrelay.StopRinging"
+# The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
+CALL_STOPPED = "ringrelay.CallStopped"
+
+# Schema step shared by both stores (plain SQL both dialects run): APNs tokens are stored in lower
+# case from now on (registry.normalise_token); older rows may hold one phone's token in two cases,
+# for two identities. Keep the newest registration of each token, as a new registration would
+# have, then lower-case what is left.
+APNS_TOKENS_TO_LOWER_CASE = """
+DELETE FROM registrations WHERE platform = 'apns' AND (identity, device_id) IN (
+    SELECT identity, device_id FROM (
+        SELECT identity, device_id, row_number() OVER (
+            PARTITION BY lower(token) ORDER BY updated_at DESC, identity DESC, device_id DESC
+        ) AS newest_first
+        FROM registrations WHERE platform = 'apns'
+    ) AS ranked WHERE newest_first > 1
+);
+UPDATE registrations SET token = lower(token) WHERE platform = 'apns' AND token <> lower(token);
+"""
 
 
 @dataclass(slots=True)
@@ -47,6 +63,15 @@ class ApiKey:
     revoked_at: float | None = None
 
 
+class StoreInUse(Exception):
+    """Another process already serves from this store and the backend allows only one (SQLite)."""
+
+
+class StoreNotWritable(Exception):
+    """A write failed for a reason of the storage, not of the data: the disk is full, the file
+    is read-only, an I/O error. Answered 503 (retry later), and reported by /readyz."""
+
+
 @dataclass(frozen=True, slots=True)
 class PurgeCounts:
     registrations: int
@@ -62,9 +87,17 @@ class Store(Protocol):
 
     description: str
 
+    def reserve(self) -> None:
+        """Take what a serving process must hold alone (SQLite: the file's instance lock), or
+        raise StoreInUse. `open` does it too; `ringrelay serve` calls it first so that a second
+        server stops before binding its port. Admin commands (keys, db) never do."""
+        ...
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """Raises if the store is unreachable, StoreNotWritable if writes fail."""
+        ...
 
     # registry
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
@@ -138,8 +171,8 @@ class Store(Protocol):
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]: ...
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        """The call's stop records (`ringrelay.StopRinging`), without deliveries: one indexed
-        read, on every IncomingCall."""
+        """The call's `ringrelay.CallStopped` records, without deliveries: one indexed read, on
+        every IncomingCall."""
         ...
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:
@@ -149,13 +182,16 @@ class Store(Protocol):
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts: ...
 
 
-def open_store(database_url: str) -> Store:
+def open_store(database_url: str, *, serving: bool = True) -> Store:
+    """The store for `database_url`. `serving`: this process delivers pushes (it claims
+    deliveries): SQLite then locks the file to this process, PostgreSQL registers the instance
+    and keeps its heartbeat. Admin commands pass False."""
     if database_url.startswith("sqlite:///"):
         from ringrelay.store.sqlite import SQLiteStore
 
-        return SQLiteStore(database_url.removeprefix("sqlite:///"))
+        return SQLiteStore(database_url.removeprefix("sqlite:///"), single_instance=serving)
     if database_url.startswith(("postgresql://", "postgres://")):
         from ringrelay.store.postgres import PostgresStore
 
-        return PostgresStore(database_url)
+        return PostgresStore(database_url, heartbeat=serving)
     raise ValueError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]}")

@@ -5,6 +5,13 @@ Claims are made in the database, atomically: `INSERT â€¦ ON CONFLICT DO UPDATE â
 `RETURNING` says which rows this caller got. Two instances claiming the same device at the same
 moment serialise on the row; the second sees the first's live lease and gets nothing.
 
+A claim names its instance (`deliveries.claimed_by`), and every serving instance renews its row
+in `instances` each HEARTBEAT_INTERVAL seconds from a connection of its own. A claim is taken
+over when its lease has ended OR its instance's heartbeat is older than HEARTBEAT_STALE: after a
+kill -9, Event Grid's first retry (about 10 s later) finds the dead instance's devices free and
+pushes them, instead of waiting out the lease (webhook deadline + 5 s). The heartbeat is stamped
+and compared with the database's clock, so the instances' clocks need not agree.
+
 Migrations: a short list of versioned SQL steps below, applied at start-up (and by
 `ringrelay db upgrade`) under an advisory lock so that instances starting together do not race.
 A migration framework (Alembic) would bring SQLAlchemy for a handful of tables whose queries are
@@ -13,9 +20,17 @@ written by hand for asyncpg; the list is the smaller thing to own.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
 import urllib.parse
+import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -30,11 +45,62 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    CALL_STOPPED,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+    StoreNotWritable,
+)
 from ringrelay.store.coalesce import Coalescer
 
 MIGRATION_LOCK = 0x72696E67  # "ring": pg_advisory_lock key for schema changes
 PURGE_LOCK = 0x70757267  # "purg": one instance purges at a time
+
+# An instance renews its heartbeat every second; one silent for 5 s is taken for dead and its
+# in-flight claims are free. 5 s spares a live instance whose renewal is late (a slow statement,
+# a busy loop) and is well inside Event Grid's first retry, about 10 s after a failed delivery.
+HEARTBEAT_INTERVAL = 1.0  # seconds
+HEARTBEAT_STALE = 5.0  # seconds
+INSTANCE_RETENTION = 86_400.0  # rows of instances silent this long are purged
+
+log = logging.getLogger("ringrelay.store")
+
+# The database cannot take writes, whatever the statement: disk full (53100), a read-only
+# transaction (25006: a standby after a failover, or default_transaction_read_only), an I/O
+# error (58030). Retrying later may work; the data was fine.
+_STORAGE_ERRORS = (
+    asyncpg.DiskFullError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.PostgresIOError,
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _writes(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A write: a failure of the storage becomes StoreNotWritable (answered 503) and is
+    remembered on the store for /readyz until a write succeeds."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        store = args[0]
+        assert isinstance(store, PostgresStore)
+        try:
+            result = await method(*args, **kwargs)
+        except _STORAGE_ERRORS as exc:
+            store.write_failure = f"{type(exc).__name__}: {exc}"
+            raise StoreNotWritable(f"PostgreSQL: {exc}") from exc
+        store.write_failure = None
+        return result
+
+    return wrapper
+
 
 MIGRATIONS: list[str] = [
     # 1: registry, ledger, audit, API keys
@@ -99,13 +165,27 @@ MIGRATIONS: list[str] = [
         revoked_at  DOUBLE PRECISION
     );
     """,
-    # 2. Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
+    # 2: one spelling per APNs token (lower case)
+    APNS_TOKENS_TO_LOWER_CASE,
+    # 3: ring lifecycle: what a stop push needs of its ring (the call context is never stored)
     """
     ALTER TABLE events ADD COLUMN caller TEXT, ADD COLUMN server_call_id TEXT,
         ADD COLUMN expires_at DOUBLE PRECISION;
     CREATE INDEX events_server_call ON events (server_call_id) WHERE server_call_id IS NOT NULL;
     """,
-    # 3. Chat pushes: a registration's chat format and sealed chat key; per-identity muted
+    # 4: instance heartbeats, and claims naming their instance (a dead one's claims are free
+    # before their lease ends). Rows claimed before this have claimed_by NULL: lease only.
+    """
+    CREATE TABLE instances (
+        instance_id TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        started_at  DOUBLE PRECISION NOT NULL,
+        last_seen   DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
+    """,
+    # 5: chat pushes: a registration's chat format and sealed chat key; per-identity muted
     # threads. Self-contained (other branches add migrations too; renumbered on merge).
     """
     ALTER TABLE registrations
@@ -120,6 +200,21 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+_DB_NOW = "extract(epoch from clock_timestamp())::float8"
+
+
+def _claimable(stale_param: str) -> str:
+    """A row is free to claim when it is new, transient, or in flight under a claim that is
+    dead: its lease ended, or its instance's heartbeat is older than `stale_param` seconds. For
+    the DO UPDATE WHERE of the claim statements, where `excluded` is the new claim."""
+    return (
+        "deliveries.status = 'transient' OR (deliveries.status = 'in_flight' AND ("
+        "deliveries.lease_until <= excluded.updated_at OR (deliveries.claimed_by IS NOT NULL "
+        "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = deliveries.claimed_by "
+        f"AND i.last_seen > {_DB_NOW} - {stale_param}::float8))))"
+    )
+
 
 _REG_COLUMNS = (
     "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at, "
@@ -204,7 +299,7 @@ def _event_columns(events: list[tuple[EventRecord, float]]) -> list[list[Any]]:
 
 
 def _call_columns(events: list[EventRecord]) -> list[list[Any]]:
-    """The events table's call columns (added by migration 2), passed after the others."""
+    """The events table's call columns (added by migration 3), passed after the others."""
     return [
         [e.caller for e in events],
         [e.server_call_id for e in events],
@@ -243,8 +338,21 @@ async def _release_connection(conn: asyncpg.Connection) -> None:
 
 
 class PostgresStore:
-    def __init__(self, dsn: str, *, min_size: int = 2, max_size: int = 20) -> None:
+    def __init__(
+        self, dsn: str, *, min_size: int = 2, max_size: int = 20, heartbeat: bool = True
+    ) -> None:
         self.dsn = dsn
+        # This process's name in `instances` and on its claims. Without a heartbeat (admin
+        # commands) claims carry no instance and end only with their lease.
+        self.instance_id = uuid.uuid4().hex
+        self._heartbeat = heartbeat
+        self.heartbeat_stale = HEARTBEAT_STALE  # seconds of silence after which it is dead
+        self._claimant: str | None = self.instance_id if heartbeat else None
+        self._beating: asyncio.Task[None] | None = None
+        self._beat_conn: asyncpg.Connection | None = None
+        # Why the last write failed, when it was the database's fault; None once one succeeds
+        # (the heartbeat, a write every second, counts).
+        self.write_failure: str | None = None
         host = dsn.split("@", 1)[-1].split("?", 1)[0]  # never the password
         self.description = f"PostgreSQL ({host})"
         self._min_size = min_size
@@ -277,6 +385,58 @@ class PostgresStore:
         )
         async with self.pool.acquire() as conn:
             await migrate(conn)
+        if self._heartbeat:
+            # Registered before the first claim: a claim whose instance has no row is dead.
+            await self._beat()
+            self._beating = asyncio.create_task(self._heartbeat_loop())
+
+    def reserve(self) -> None:
+        pass  # several instances share a database: nothing to hold alone
+
+    _HEARTBEAT = (
+        "INSERT INTO instances (instance_id, host, pid, started_at, last_seen) "
+        f"VALUES ($1, $2, $3, {_DB_NOW}, {_DB_NOW}) "
+        "ON CONFLICT (instance_id) DO UPDATE SET last_seen = excluded.last_seen"
+    )
+
+    async def _beat(self) -> None:
+        # A connection of its own: a pool exhausted by a burst must not delay the heartbeat
+        # past HEARTBEAT_STALE (the other instances would take over live claims).
+        if self._beat_conn is None or self._beat_conn.is_closed():
+            self._beat_conn = await asyncpg.connect(
+                self.dsn, server_settings=self.server_settings or None, timeout=HEARTBEAT_STALE
+            )
+        await self._beat_conn.execute(
+            self._HEARTBEAT,
+            self.instance_id,
+            socket.gethostname(),
+            os.getpid(),
+            timeout=HEARTBEAT_STALE,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self._beat()
+                self.write_failure = None
+            except _STORAGE_ERRORS as exc:
+                self.write_failure = f"{type(exc).__name__}: {exc}"
+                if not failing:
+                    log.warning("instance heartbeat not written: %s", exc)
+                failing = True
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if self._beat_conn is not None:
+                    self._beat_conn.terminate()
+                    self._beat_conn = None
+                if not failing:  # once per outage, not every second
+                    log.warning("instance heartbeat failed (%s); retrying", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("instance heartbeat renewed")
+                failing = False
 
     # Every statement of ringrelay's finds its rows through an index, whatever the tables' size.
     # Left to itself, PostgreSQL cached a generic plan for the settle while `deliveries` was
@@ -298,17 +458,35 @@ class PostgresStore:
         return {k: v for k, v in self._PLANNER_SETTINGS.items() if k not in query}
 
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
         if self._pool is not None:
             await self.claims.drain()
             await self.settles.drain()
+            if self._heartbeat:
+                # Gone for good: whatever this instance still holds is free at once.
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self._pool.execute(
+                        "DELETE FROM instances WHERE instance_id = $1", self.instance_id
+                    )
             await self._pool.close()
             self._pool = None
+        if self._beat_conn is not None:
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await self._beat_conn.close(timeout=5)
+            self._beat_conn = None
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+        if self.write_failure is not None:
+            raise StoreNotWritable(self.write_failure)
 
     # --- registry ---------------------------------------------------------------------------
 
+    @_writes
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
         async with self.pool.acquire() as conn, conn.transaction():
             displaced = await conn.fetchval(
@@ -343,6 +521,7 @@ class PostgresStore:
             reg.chat_key,
         )
 
+    @_writes
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         async with self.pool.acquire() as conn:
             await conn.executemany(
@@ -360,12 +539,14 @@ class PostgresStore:
         )
         return [_registration(r) for r in rows]
 
+    @_writes
     async def delete_registration(self, identity: str, device_id: str) -> bool:
         status = await self.pool.execute(
             "DELETE FROM registrations WHERE identity = $1 AND device_id = $2", identity, device_id
         )
         return bool(status != "DELETE 0")
 
+    @_writes
     async def delete_identity(self, identity: str) -> int:
         status = await self.pool.execute("DELETE FROM registrations WHERE identity = $1", identity)
         return int(status.split()[-1])
@@ -380,6 +561,7 @@ class PostgresStore:
         )
         return [_registration(r) for r in rows]
 
+    @_writes
     async def prune_registration(
         self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
     ) -> bool:
@@ -416,6 +598,7 @@ class PostgresStore:
 
     # --- API keys ---------------------------------------------------------------------------
 
+    @_writes
     async def create_api_key(self, key: ApiKey) -> None:
         await self.pool.execute(
             "INSERT INTO api_keys (key_id, name, secret_hash, scopes, created_at, revoked_at) "
@@ -443,6 +626,7 @@ class PostgresStore:
         )
         return [_api_key(r) for r in rows]
 
+    @_writes
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         status = await self.pool.execute(
             "UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
@@ -458,6 +642,7 @@ class PostgresStore:
 
     # --- muted chat threads -----------------------------------------------------------------
 
+    @_writes
     async def mute_thread(
         self, identity: str, thread_id: str, until: float | None, now: float
     ) -> None:
@@ -471,6 +656,7 @@ class PostgresStore:
             now,
         )
 
+    @_writes
     async def unmute_thread(self, identity: str, thread_id: str) -> bool:
         status = await self.pool.execute(
             "DELETE FROM muted_threads WHERE identity = $1 AND thread_id = $2", identity, thread_id
@@ -505,7 +691,7 @@ class PostgresStore:
     _UPSERT_EVENT = (
         "INSERT INTO events (event_id, event_type, status, reason, correlation_id, "
         "recipient, received_at, updated_at, caller, server_call_id, expires_at) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $14, $15, $16) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $16, $17, $18) "
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at"
     )
@@ -523,6 +709,7 @@ class PostgresStore:
             now,
         )
 
+    @_writes
     async def claim_callee(
         self, event: EventRecord, identity: str, kind: PushKind, now: float, lease_until: float
     ) -> tuple[list[Registration], Claim]:
@@ -547,7 +734,7 @@ class PostgresStore:
     _CLAIM_BATCH = (
         "WITH req AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
         "$5::text[], $6::text[], $7::float8[], $8::float8[], $9::float8[], $10::text[], "
-        "$11::text[], $12::text[], $13::text[], $14::float8[]) AS req(event_id, event_type, "
+        "$11::text[], $14::text[], $15::text[], $16::float8[]) AS req(event_id, event_type, "
         "status, reason, correlation_id, recipient, received_at, now, lease_until, identity, "
         "kind, caller, server_call_id, expires_at)), "
         "t AS (SELECT req.event_id AS ev_id, req.now AS claim_now, req.lease_until AS lease, "
@@ -563,14 +750,13 @@ class PostgresStore:
         "ON CONFLICT (event_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, updated_at = excluded.updated_at RETURNING 1), "
         "ins AS (INSERT INTO deliveries (event_id, identity, device_id, platform, "
-        "token_fingerprint, status, attempts, lease_until, updated_at) "
+        "token_fingerprint, status, attempts, lease_until, updated_at, claimed_by) "
         "SELECT t.ev_id, t.identity, t.device_id, t.platform, '', 'in_flight', 0, t.lease, "
-        "t.claim_now FROM t "
+        "t.claim_now, $12::text FROM t "
         "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
         "status = 'in_flight', lease_until = excluded.lease_until, "
-        "updated_at = excluded.updated_at "
-        "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
-        "AND deliveries.lease_until <= excluded.updated_at) "
+        "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
+        f"WHERE {_claimable('$13')} "
         "RETURNING event_id, identity, device_id, attempts) "
         "SELECT t.ev_id, "
         + ", ".join(f"t.{c.strip()}" for c in _REG_COLUMNS.split(","))
@@ -585,6 +771,8 @@ class PostgresStore:
             [r.lease_until for r in requests],
             [r.identity for r in requests],
             [r.kind.value for r in requests],
+            self._claimant,
+            self.heartbeat_stale,
             *_call_columns([r.event for r in requests]),
         )
         by_event: dict[str, list[Any]] = {r.event.event_id: [] for r in requests}
@@ -606,6 +794,7 @@ class PostgresStore:
             outcome = _outcome(row)
             (claim.settled if outcome.status.settled else claim.busy).append(outcome)
 
+    @_writes
     async def claim_deliveries(
         self, event: EventRecord, targets: list[Registration], now: float, lease_until: float
     ) -> Claim:
@@ -618,15 +807,14 @@ class PostgresStore:
         taken = await self.pool.fetch(
             f"WITH ev AS ({self._UPSERT_EVENT} RETURNING 1) "
             "INSERT INTO deliveries (event_id, identity, device_id, platform, "
-            "token_fingerprint, status, attempts, lease_until, updated_at) "
-            "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $9, $8 "
-            "FROM unnest($10::text[], $11::text[], $12::text[], $13::text[]) "
+            "token_fingerprint, status, attempts, lease_until, updated_at, claimed_by) "
+            "SELECT $1, t.identity, t.device_id, t.platform, t.fp, 'in_flight', 0, $9, $8, "
+            "$14::text FROM unnest($10::text[], $11::text[], $12::text[], $13::text[]) "
             "AS t(identity, device_id, platform, fp) "
             "ON CONFLICT (event_id, identity, device_id) DO UPDATE SET "
             "status = 'in_flight', lease_until = excluded.lease_until, "
-            "updated_at = excluded.updated_at "
-            "WHERE deliveries.status = 'transient' OR (deliveries.status = 'in_flight' "
-            "AND deliveries.lease_until <= $8) "
+            "updated_at = excluded.updated_at, claimed_by = excluded.claimed_by "
+            f"WHERE {_claimable('$15')} "
             "RETURNING identity, device_id, attempts",
             *self._event_values(event, now),
             lease_until,
@@ -634,6 +822,8 @@ class PostgresStore:
             [r.device_id for r in targets],
             [r.platform.value for r in targets],
             [fingerprint(r.token) for r in targets],
+            self._claimant,
+            self.heartbeat_stale,
             event.caller,
             event.server_call_id,
             event.expires_at,
@@ -647,6 +837,7 @@ class PostgresStore:
             await self._read_others(event.event_id, targets, claim)
         return claim
 
+    @_writes
     async def settle_deliveries(
         self, event: EventRecord, outcomes: list[DeliveryOutcome], now: float
     ) -> None:
@@ -689,6 +880,7 @@ class PostgresStore:
         )
         return [None] * len(requests)
 
+    @_writes
     async def record_event(self, event: EventRecord, now: float) -> None:
         await self.settles.submit(_SettleRequest(event, [], now))
 
@@ -708,7 +900,7 @@ class PostgresStore:
             f"SELECT {self._EVENT_COLUMNS} FROM events WHERE correlation_id = $1 "
             "AND event_type = $2 ORDER BY received_at",
             correlation_id,
-            STOP_TYPE,
+            CALL_STOPPED,
         )
         return [self._event(r) for r in rows]
 
@@ -737,11 +929,16 @@ class PostgresStore:
                 ]
         return events
 
+    @_writes
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         async with self.pool.acquire() as conn, conn.transaction():
-            # Whichever instance gets the lock purges; the others skip this round.
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PURGE_LOCK):
+            # Whichever instance gets the lock purges; the others skip this round. The lock is
+            # per schema: advisory locks are database-wide, and deployments (or test runs) in
+            # other schemas of the same database must not skip this one's purge.
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))", PURGE_LOCK
+            ):
                 return PurgeCounts(0, 0, 0)
             regs = await conn.execute("DELETE FROM registrations WHERE expires_at <= $1", now)
             deliveries = await conn.execute("DELETE FROM deliveries WHERE updated_at < $1", cutoff)
@@ -749,6 +946,9 @@ class PostgresStore:
             await conn.execute("DELETE FROM removed_registrations WHERE removed_at < $1", cutoff)
             await conn.execute(
                 "DELETE FROM muted_threads WHERE until IS NOT NULL AND until <= $1", now
+            )
+            await conn.execute(
+                f"DELETE FROM instances WHERE last_seen < {_DB_NOW} - $1", INSTANCE_RETENTION
             )
         return PurgeCounts(
             registrations=int(regs.split()[-1]),

@@ -5,10 +5,12 @@ WAL without fsync and takes tens of microseconds, less than a hop to a worker th
 Ledger writes of concurrent deliveries are group-committed (one transaction per turn of the
 event loop), which took the webhook from ~1,300 to ~N events/s on the benchmark.
 
-Only one process may use the file; several instances need PostgreSQL. That is what lets claims
-live in memory: a claim guards against a concurrent duplicate in this process, and a claim
-orphaned by a crash would be taken over after its lease anyway, so persisting it before the push
-(one more commit per event) would buy nothing here. The outcome is written once, after the push.
+Only one serving process may use the file (store/instance_lock.py enforces it); several
+instances need PostgreSQL. That is what lets claims live in memory: a claim guards against a
+concurrent duplicate in this process, and a process that restarts after a crash holds the lock,
+so every claim its predecessor had is dead: it takes them over at once (it never knew them). So
+persisting a claim before the push (one more commit per event) would buy nothing here. The
+outcome is written once, after the push.
 """
 
 from __future__ import annotations
@@ -35,9 +37,18 @@ from ringrelay.models import (
     Registration,
 )
 from ringrelay.redact import fingerprint
-from ringrelay.store import STOP_TYPE, ApiKey, Claim, PurgeCounts, RemovedRegistration
+from ringrelay.store import (
+    APNS_TOKENS_TO_LOWER_CASE,
+    CALL_STOPPED,
+    ApiKey,
+    Claim,
+    PurgeCounts,
+    RemovedRegistration,
+    StoreNotWritable,
+)
+from ringrelay.store.instance_lock import InstanceLock
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -121,17 +132,27 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at  REAL NOT NULL,
     revoked_at  REAL
 ) WITHOUT ROWID;
+
+-- /readyz writes and deletes a row here while writes are failing, to see whether they work again.
+CREATE TABLE IF NOT EXISTS store_probe (
+    id     INTEGER PRIMARY KEY,
+    filler BLOB NOT NULL
+);
 """
 
 # Upgrades of an existing file, by the version they bring it to (SCHEMA is the current shape).
 UPGRADES: dict[int, str] = {
+    2: APNS_TOKENS_TO_LOWER_CASE,
     # Ring lifecycle: what a stop push needs of its ring (the call context is never stored).
-    2: "ALTER TABLE events ADD COLUMN caller TEXT; "
+    3: "ALTER TABLE events ADD COLUMN caller TEXT; "
     "ALTER TABLE events ADD COLUMN server_call_id TEXT; "
     "ALTER TABLE events ADD COLUMN expires_at REAL;",
-    # 3: chat pushes: a registration's chat format and sealed chat key (muted_threads is new:
-    # SCHEMA creates it)
-    3: "ALTER TABLE registrations ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification'; "
+    # store_probe (the write /readyz tries while writes are failing): made by SCHEMA itself
+    # (CREATE TABLE IF NOT EXISTS) when the file is opened.
+    4: "",
+    # 5: chat pushes: a registration's chat format and sealed chat key (muted_threads is new:
+    # SCHEMA creates it). Other branches add versions too: renumbered on merge.
+    5: "ALTER TABLE registrations ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification'; "
     "ALTER TABLE registrations ADD COLUMN chat_key TEXT;",
 }
 
@@ -189,6 +210,24 @@ def _outcome(row: tuple[Any, ...]) -> DeliveryOutcome:
         provider_ref=None if ref is None else str(ref),
         token_fingerprint=str(fp),
     )
+
+
+# Failures of the storage, not of the statement: the disk is full, the file or its folder is
+# read-only, an I/O error (sqlite.org/rescode.html). A retry later may work; the data was fine.
+_STORAGE_ERRORS = {
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+}
+PROBE_BYTES = 4096  # about a page: a probe that can grow the file by that much
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """SQLite's own words for a storage failure ("database or disk is full"), else None."""
+    if isinstance(exc, sqlite3.Error) and (exc.sqlite_errorcode & 0xFF) in _STORAGE_ERRORS:
+        return str(exc)
+    return None
 
 
 def lower_thread_priority() -> None:
@@ -291,8 +330,12 @@ class _Checkpointer:
 class SQLiteStore:
     # Every 0.25 s rather than 1 s: each pass copies less, so it takes the core from the event
     # loop in shorter slices (see bench/README, "SQLite's WAL under steady load").
-    def __init__(self, path: str, checkpoint_interval: float = 0.25) -> None:
+    def __init__(
+        self, path: str, checkpoint_interval: float = 0.25, *, single_instance: bool = True
+    ) -> None:
         self.path = path
+        # A serving process locks the file to itself; admin commands share it.
+        self._lock = InstanceLock(path) if single_instance and path != ":memory:" else None
         self.checkpoint_interval = checkpoint_interval
         self.description = f"SQLite ({Path(path).resolve()})" if path != ":memory:" else "SQLite"
         self._db: sqlite3.Connection | None = None
@@ -303,6 +346,8 @@ class SQLiteStore:
         self._writes_held = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpointer: _Checkpointer | None = None
+        # Why the last write failed, when it was the storage's fault; None once one succeeds.
+        self.write_failure: str | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -313,15 +358,29 @@ class SQLiteStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at its start (BEGIN IMMEDIATE) so reads inside it are
-        not invalidated by another writer."""
+        not invalidated by another writer. A failure of the storage (disk full, read-only, I/O)
+        raises StoreNotWritable with SQLite's reason, and is remembered for /readyz."""
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                # On a full disk or an I/O error SQLite may have rolled back already
+                # (sqlite.org/lang_transaction.html, "Response To Errors Within A Transaction"):
+                # a ROLLBACK then fails with "cannot rollback" and would hide the cause.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            self.write_failure = reason
+            raise StoreNotWritable(f"{self.path}: {reason}") from exc
+        self.write_failure = None
 
     async def _group_write(self, job: Callable[[sqlite3.Connection], None]) -> None:
         """Run `job` in a transaction shared with the other jobs submitted in the same turn of
@@ -398,10 +457,23 @@ class SQLiteStore:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(release)
 
+    def reserve(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.reserve()
+        try:
+            self._connect()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _connect(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -416,9 +488,10 @@ class SQLiteStore:
                 f"{self.path}: schema version {version} is newer than this ringrelay "
                 f"({SCHEMA_VERSION}); upgrade ringrelay"
             )
-        if version:  # an existing file: bring it up to date before the current shape
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                db.executescript(UPGRADES[target])
+        # Steps from one version to the next, for files made by an older ringrelay, each in its
+        # own transaction, before the current shape (a new file gets SCHEMA and needs none).
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            db.executescript(f"BEGIN; {UPGRADES[step]} PRAGMA user_version={step}; COMMIT;")
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if self.path != ":memory:":
@@ -441,9 +514,17 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.release()
 
     async def ping(self) -> None:
         self.db.execute("SELECT 1").fetchone()
+        if self.write_failure is not None:
+            # Writes have been failing: try one that needs about a page of new space, so that
+            # a store that can take writes again is ready again without waiting for traffic.
+            with self._write() as db:
+                db.execute("INSERT INTO store_probe (filler) VALUES (zeroblob(?))", (PROBE_BYTES,))
+                db.execute("DELETE FROM store_probe")
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -512,7 +593,12 @@ class SQLiteStore:
     # --- API keys ---------------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey) -> None:
-        self.db.execute(
+        with self._write() as db:
+            self._insert_api_key(db, key)
+
+    @staticmethod
+    def _insert_api_key(db: sqlite3.Connection, key: ApiKey) -> None:
+        db.execute(
             "INSERT INTO api_keys (key_id, name, secret_hash, scopes, created_at, revoked_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -552,10 +638,11 @@ class SQLiteStore:
         return [self._api_key(r) for r in rows]
 
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
-        cur = self.db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
-            (now, key_id),
-        )
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
         return cur.rowcount > 0
 
     async def active_api_keys(self) -> int:
@@ -579,13 +666,16 @@ class SQLiteStore:
         return [_registration(r) for r in rows]
 
     async def delete_registration(self, identity: str, device_id: str) -> bool:
-        cur = self.db.execute(
-            "DELETE FROM registrations WHERE identity = ? AND device_id = ?", (identity, device_id)
-        )
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM registrations WHERE identity = ? AND device_id = ?",
+                (identity, device_id),
+            )
         return cur.rowcount > 0
 
     async def delete_identity(self, identity: str) -> int:
-        return self.db.execute("DELETE FROM registrations WHERE identity = ?", (identity,)).rowcount
+        with self._write() as db:
+            return db.execute("DELETE FROM registrations WHERE identity = ?", (identity,)).rowcount
 
     async def push_targets(self, identity: str, kind: PushKind, now: float) -> list[Registration]:
         rows = self.db.execute(
@@ -600,16 +690,19 @@ class SQLiteStore:
     async def mute_thread(
         self, identity: str, thread_id: str, until: float | None, now: float
     ) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO muted_threads (identity, thread_id, until, muted_at) "
-            "VALUES (?, ?, ?, ?)",
-            (identity, thread_id, until, now),
-        )
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO muted_threads (identity, thread_id, until, muted_at) "
+                "VALUES (?, ?, ?, ?)",
+                (identity, thread_id, until, now),
+            )
 
     async def unmute_thread(self, identity: str, thread_id: str) -> bool:
-        cur = self.db.execute(
-            "DELETE FROM muted_threads WHERE identity = ? AND thread_id = ?", (identity, thread_id)
-        )
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM muted_threads WHERE identity = ? AND thread_id = ?",
+                (identity, thread_id),
+            )
         return cur.rowcount > 0
 
     async def muted_threads(self, identity: str, now: float) -> list[tuple[str, float | None]]:
@@ -764,7 +857,7 @@ class SQLiteStore:
         ]
 
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
-        return self._events("correlation_id = ? AND event_type = ?", correlation_id, STOP_TYPE)
+        return self._events("correlation_id = ? AND event_type = ?", correlation_id, CALL_STOPPED)
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:
         row = self.db.execute(
@@ -789,11 +882,13 @@ class SQLiteStore:
         return events
 
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
-        db = self.db
         cutoff = now - ledger_retention_seconds
-        regs = db.execute("DELETE FROM registrations WHERE expires_at <= ?", (now,)).rowcount
-        deliveries = db.execute("DELETE FROM deliveries WHERE updated_at < ?", (cutoff,)).rowcount
-        events = db.execute("DELETE FROM events WHERE updated_at < ?", (cutoff,)).rowcount
-        db.execute("DELETE FROM removed_registrations WHERE removed_at < ?", (cutoff,))
-        db.execute("DELETE FROM muted_threads WHERE until IS NOT NULL AND until <= ?", (now,))
+        with self._write() as db:
+            regs = db.execute("DELETE FROM registrations WHERE expires_at <= ?", (now,)).rowcount
+            deliveries = db.execute(
+                "DELETE FROM deliveries WHERE updated_at < ?", (cutoff,)
+            ).rowcount
+            events = db.execute("DELETE FROM events WHERE updated_at < ?", (cutoff,)).rowcount
+            db.execute("DELETE FROM removed_registrations WHERE removed_at < ?", (cutoff,))
+            db.execute("DELETE FROM muted_threads WHERE until IS NOT NULL AND until <= ?", (now,))
         return PurgeCounts(registrations=regs, events=events, deliveries=deliveries)
