@@ -157,7 +157,15 @@ async def run(a: Any) -> list[dict[str, Any]]:
                 )
                 port = free_port()
                 proc = spawn(
-                    [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "ringrelay",
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--no-access-log",
+                    ],
                     SERVER_CORE,
                     {
                         "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",

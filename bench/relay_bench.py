@@ -702,7 +702,15 @@ async def run(a: Any) -> list[dict]:
             for name in a.relays:
                 port = free_port()
                 if name == "ringrelay":
-                    cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "ringrelay",
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--no-access-log",
+                    ]
                     env = {
                         "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
                         "RINGRELAY_NH_CONNECTION_STRING": conn,

@@ -160,7 +160,7 @@ def server_env(database_url: str, hub_port: int, ca: Path) -> dict[str, str]:
 
 async def peak(name: str, env: dict[str, str], work: Path, hub_url: str, ca: Path, a: Any) -> float:
     port = free_port()
-    cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port), "--no-access-log"]
     proc = spawn(cmd, SERVER_CORE, env, work / f"{name}.log")
     try:
         url = f"http://127.0.0.1:{port}"
@@ -254,7 +254,15 @@ async def run(a: Any) -> int:
         for n in range(2):
             port = free_port()
             proc = spawn(
-                [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "ringrelay",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--no-access-log",
+                ],
                 n % 2,  # one instance per core; PostgreSQL, hub and load float
                 server_env(pg_url, hub_port, certs.ca_file),
                 work / f"soak-{n}.log",

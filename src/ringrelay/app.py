@@ -17,7 +17,8 @@ from ringrelay import __version__
 from ringrelay.api import calls, compat, registry, webhook
 from ringrelay.api.middleware import ResponseGuard, validation_error_response
 from ringrelay.config import Settings
-from ringrelay.relay import Relay, make_relay, purge_loop
+from ringrelay.ops import dashboard
+from ringrelay.relay import Relay, make_relay, purge_loop, refresh_registration_counts
 from ringrelay.store import StoreNotWritable
 
 log = logging.getLogger("ringrelay")
@@ -131,6 +132,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def metrics() -> Response:
+        await refresh_registration_counts(relay)
         return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     webhook.install(app)
@@ -138,4 +140,5 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     app.include_router(registry.router)
     app.include_router(calls.router)
     app.include_router(compat.router)
+    app.include_router(dashboard.router)
     return app

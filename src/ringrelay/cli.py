@@ -200,10 +200,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from ringrelay.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     problem = _auth_problem(settings, args)
     if problem is not None:
         print(f"ringrelay: refusing to listen on {args.host}: {problem}", file=sys.stderr)
@@ -230,21 +229,26 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreInUse as exc:
         print(f"ringrelay: {exc}", file=sys.stderr)
         return 2
-    print(
+    banner = (
         f"ringrelay {__version__} on http://{args.host}:{args.port}\n"
         f"  store:    {relay.store.description}\n"
         f"  delivery: {relay.delivery_description}\n"
         f"  auth:     {relay.guard.description}\n"
         f"  webhook:  POST http://{args.host}:{args.port}/api/events"
-        + ("?code=<secret>" if settings.webhook_secret else " (no secret set)"),
-        flush=True,
+        + ("?code=<secret>" if settings.webhook_secret else " (no secret set)")
     )
+    if settings.log_format == "json":  # every line of output is then one JSON object
+        logging.getLogger("ringrelay").info(banner.replace("\n", ";").replace("  ", " "))
+    else:
+        print(banner, flush=True)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        # Our handler (text or JSON) formats uvicorn's lines too, the access log's included.
+        log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.webhook_deadline_seconds) + 2,
     )
@@ -383,6 +387,85 @@ def _simulate_answered(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from ringrelay.ops.doctor import (
+        Finding,
+        as_json,
+        diagnose_identity,
+        passed,
+        render,
+        run_doctor,
+    )
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        findings = [
+            Finding("config", False, str(exc), "fix the setting named above (README, Settings)")
+        ]
+    else:
+        if args.identity:
+            findings = asyncio.run(diagnose_identity(settings, args.identity))
+        else:
+            findings = asyncio.run(run_doctor(settings, host=args.host))
+    if args.json:
+        sys.stdout.buffer.write(as_json(findings) + b"\n")
+    else:
+        print(render(findings))
+    return 0 if passed(findings) else 1
+
+
+async def _get(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        text = await resp.read()
+        try:
+            return resp.status, orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return resp.status, text.decode(errors="replace")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from ringrelay.ops.trace import call_trace, render
+
+    if args.server:
+        url = f"{args.server.rstrip('/')}/v1/calls/{quote(args.call_id, safe='')}"
+        key = args.api_key or os.environ.get("RINGRELAY_API_KEY")
+        headers = {"X-API-Key": key} if key else {}
+        try:
+            status, trace = asyncio.run(_get(url, headers))
+        except OSError as exc:
+            print(f"ringrelay trace: cannot reach {args.server}: {exc}", file=sys.stderr)
+            return 1
+        if status != 200:
+            detail = trace.get("detail") if isinstance(trace, dict) else trace
+            print(f"ringrelay trace: HTTP {status}: {detail}", file=sys.stderr)
+            return 1
+    else:
+        settings = _settings(args)
+        if settings is None:
+            return 2
+
+        async def from_store() -> dict[str, Any] | None:
+            async with _opened_store(settings) as store:
+                events = await store.events_for_call(args.call_id)
+            return call_trace(args.call_id, events, None) if events else None
+
+        found = asyncio.run(from_store())
+        if found is None:
+            print(f"ringrelay trace: no event recorded for callId {args.call_id}", file=sys.stderr)
+            return 1
+        trace = found
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(trace, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(render(trace))
+    return 0
+
+
 def _fake(args: argparse.Namespace) -> int:
     if args.provider == "apns":
         from ringrelay.fakes import apns
@@ -414,7 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log every request (default: on; the webhook's ?code= is redacted)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -488,6 +576,28 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply pending schema migrations")
     db.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     db.set_defaults(func=_db)
+
+    doctor = sub.add_parser(
+        "doctor", help="check every configured transport, the store and the settings for real"
+    )
+    doctor.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    doctor.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    doctor.add_argument(
+        "--host", default="127.0.0.1", help="the address serve will listen on (bind safety)"
+    )
+    doctor.add_argument("--identity", metavar="RAWID", help="why this user's phone does (not) ring")
+    doctor.set_defaults(func=_doctor)
+
+    trace = sub.add_parser("trace", help="a call's story: deliveries, attempts, outcomes")
+    trace.add_argument("call_id", metavar="CALLID", help="the call's correlationId")
+    trace.add_argument(
+        "--server",
+        help="ask a running server (full story) instead of the configured store (final states)",
+    )
+    trace.add_argument("--api-key", help="with --server: a read key (default: RINGRELAY_API_KEY)")
+    trace.add_argument("--json", action="store_true")
+    trace.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    trace.set_defaults(func=_trace)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)

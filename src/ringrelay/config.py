@@ -196,6 +196,8 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(default=60.0, gt=0)
     ledger_retention_seconds: int = Field(default=7 * 86400, ge=60)
     log_level: str = "INFO"
+    # "json": one JSON object per line with callId/eventId/deviceId (for log pipelines).
+    log_format: Literal["text", "json"] = "text"
 
     # Notification Hubs: Microsoft's sample/tutorial app-setting names are accepted as they are.
     nh_connection_string: SecretStr | None = Field(

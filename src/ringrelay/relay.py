@@ -14,7 +14,7 @@ from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
 from ringrelay.events.table import event_kinds
-from ringrelay.metrics import Metrics
+from ringrelay.metrics import Metrics, provider_gauges
 from ringrelay.models import Platform
 from ringrelay.providers import PushProvider
 from ringrelay.providers.sandbox import SandboxProvider
@@ -139,6 +139,7 @@ def make_relay(settings: Settings) -> Relay:
         ring_window_seconds=settings.ring_window_seconds,
         kinds=event_kinds(settings, chat_keys),
     )
+    metrics.watch(provider_gauges(router.providers(), dispatcher._limits))
     return Relay(
         settings,
         store,
@@ -150,6 +151,25 @@ def make_relay(settings: Settings) -> Relay:
         Guard(settings, store),
         chat_keys=chat_keys,
     )
+
+
+REGISTRATION_COUNT_MAX_AGE = 30.0  # seconds: the gauge need not be fresher
+
+
+async def refresh_registration_counts(relay: Relay) -> None:
+    """Keeps the registrations-by-platform/kind gauge: at most one GROUP BY per 30 s, on a
+    scrape (several Prometheus servers may scrape each instance)."""
+    metrics = relay.metrics
+    now = time.time()
+    if now - metrics.registrations_counted_at < REGISTRATION_COUNT_MAX_AGE:
+        return
+    metrics.registrations_counted_at = now
+    try:
+        counts = await relay.store.registration_counts(now)
+    except Exception:
+        log.warning("counting registrations for the metrics failed; will try again")
+        return
+    metrics.set_registration_counts(counts)
 
 
 async def purge_loop(relay: Relay) -> None:

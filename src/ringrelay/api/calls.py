@@ -18,6 +18,7 @@ from ringrelay.delivery.dispatcher import outcome_json
 from ringrelay.events.ingest import INCOMING_CALL
 from ringrelay.events.stop_ringing import STOP_RINGING, plan_stop
 from ringrelay.models import EventRecord, EventStatus
+from ringrelay.ops.trace import call_trace
 from ringrelay.registry import RegistrationError, check_device_id, check_identity
 from ringrelay.relay import Relay
 from ringrelay.store import CALL_STOPPED
@@ -119,23 +120,10 @@ async def call_deliveries(call_id: str, request: Request) -> dict[str, Any]:
             events = []
     if not events:
         raise HTTPException(status_code=404, detail="no event recorded for this callId")
-    return {
-        "callId": call_id,
-        "stopped": _stopped(events),
-        "devices": _devices(events),
-        "events": [
-            {
-                "id": ev.event_id,
-                "type": ev.event_type,
-                "status": ev.status,
-                "reason": ev.reason,
-                "recipient": ev.recipient,
-                "received_at": _ts(ev.received_at),
-                "deliveries": [outcome_json(d) for d in ev.deliveries],
-            }
-            for ev in events
-        ],
-    }
+    trace = call_trace(call_id, events, relay.dispatcher.calls)
+    trace["stopped"] = _stopped(events)
+    trace["devices"] = _devices(events)
+    return trace
 
 
 def _stopped(events: list[EventRecord]) -> dict[str, Any] | None:

@@ -104,6 +104,11 @@ async def _handle_delivery(request: Request, relay: Relay) -> Response:
         return _JSON({"validationResponse": code})
 
     deadline = received_at + relay.settings.webhook_deadline_seconds
+    # For call traces: Event Grid numbers its attempts (0 on the first delivery).
+    count = request.headers.get("aeg-delivery-count")
+    delivery_count = int(count) if count is not None and count.isdigit() else None
+    for ev in events:
+        relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count, ev.time)
     try:
         handle = relay.dispatcher.handle
         if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery

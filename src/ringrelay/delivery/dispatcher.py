@@ -20,7 +20,8 @@ from ringrelay.delivery.plan import Decision, PushPlan
 from ringrelay.delivery.router import ProviderRouter
 from ringrelay.events.ingest import Event
 from ringrelay.events.kind import Context, EventKind, StoppedCalls
-from ringrelay.metrics import Metrics
+from ringrelay.logs import bind
+from ringrelay.metrics import Metrics, reason_label
 from ringrelay.models import (
     DeliveryOutcome,
     DeliveryStatus,
@@ -28,6 +29,7 @@ from ringrelay.models import (
     EventStatus,
     Registration,
 )
+from ringrelay.ops.calllog import CallLog
 from ringrelay.providers import PushRequest, PushResult
 from ringrelay.redact import fingerprint
 from ringrelay.store import Claim, Store
@@ -110,8 +112,10 @@ class Dispatcher:
         *,
         ring_window_seconds: float,
         kinds: dict[str, EventKind] | None = None,
+        call_log: CallLog | None = None,
     ) -> None:
         self.store = store
+        self.calls = call_log or CallLog()  # recent attempts, for traces
         self.router = router
         self.metrics = metrics
         self.ring_window = ring_window_seconds
@@ -246,6 +250,7 @@ class Dispatcher:
     ) -> tuple[list[DeliveryOutcome], bool]:
         """One plan: returns every device's outcome and whether any is still unsettled."""
         record = plan.record
+        bind(eventId=record.event_id, callId=record.correlation_id)  # on every line logged
         now = time.time()
         # The lease outlives this request's deadline a little, so a crashed process's claims are
         # taken over by the next delivery attempt, and a live one's are not.
@@ -298,6 +303,11 @@ class Dispatcher:
             if claim.busy or plan.waiting:
                 held = len(claim.busy) + len(plan.waiting)
                 record.reason = f"{held} device(s) in flight under another claim"
+            accepted_at = self.calls.first_accepted(record.event_id)
+            if accepted_at is not None and plan.started_at is not None:
+                self.metrics.first_push(plan.started_at, record.received_at, accepted_at)
+        for outcome in outcomes:
+            self.metrics.push_outcome(outcome.provider, outcome.platform.value, outcome.status)
 
         await self._settle(record, outcomes, deadline)
         return [*outcomes, *claim.settled, *claim.busy, *plan.waiting], busy
@@ -344,6 +354,7 @@ class Dispatcher:
     async def _push_with_retries(
         self, reg: Registration, plan: PushPlan, stop_at: float, claim: Claim
     ) -> DeliveryOutcome:
+        bind(deviceId=reg.device_id)
         provider = self.router.for_registration(reg)
         if provider is None:
             app = f" app {reg.app_id}" if reg.app_id else ""
@@ -381,11 +392,17 @@ class Dispatcher:
                     )
                 finally:
                     limit.count -= 1
+            elapsed = time.perf_counter() - started
             self.metrics.push_attempt(
                 provider.name,
                 reg.platform.value,
                 result.status.value,
-                time.perf_counter() - started,
+                elapsed,
+                reason_label(result.reason, result.http_status),
+                attempts > 1,
+            )
+            self.calls.attempt(
+                plan.record.event_id, reg, attempts, provider, result, elapsed, time.time()
             )
             if result.status is not DeliveryStatus.TRANSIENT:
                 break
@@ -434,6 +451,9 @@ class Dispatcher:
             return
         if removed:
             self.metrics.registrations.labels("pruned").inc()
+            self.metrics.pruned.labels(
+                provider, reason_label(result.reason, result.http_status)
+            ).inc()
             log.info(
                 "registration %s/%s (%s, token %s) removed: %s",
                 reg.identity,

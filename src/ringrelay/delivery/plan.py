@@ -66,6 +66,7 @@ class PushPlan:
     # Per-device content (a chat push encrypted under each device's key); None: `content`.
     content_for: Callable[[Registration], PushContent] | None = None
     no_targets_reason: str = "no live registration for the recipient"
+    started_at: float | None = None  # when what is pushed happened (eventTime): for metrics
     window: str = "delivery window"  # what `expires_at` ends, in reasons: "ring window"
     expired_reason: str = "its delivery window ended before it could be pushed"
     # Checked before each retry: True when the push is no longer wanted (the call stopped).

@@ -75,6 +75,7 @@ class IncomingCall:
                     PushKind.VOIP,
                     call,
                     ring_ends_at,
+                    started_at=started,
                     window="ring window",
                     no_targets_reason="no live VoIP registration for the callee",
                     expired_reason=(

@@ -60,6 +60,7 @@ VOIP_MAX = 5120
 OTHER_MAX = 4096
 TOKEN_MAX_AGE = 3600  # older provider tokens: 403 ExpiredProviderToken
 HEX = re.compile(rb"^[0-9a-fA-F]+$")
+NEVER_ISSUED = re.compile(rb"^0+$")  # all zeros: a token APNs never hands out
 UUID = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -329,6 +330,11 @@ class FakeAPNs:
                 if scripted.times <= 0:
                     self._script.remove(scripted)
                 break
+        else:
+            if NEVER_ISSUED.match(device):
+                # A well-formed token no device was given (what `ringrelay doctor` probes
+                # with): Apple answers BadDeviceToken once the provider token and topic passed.
+                status, reason = 400, "BadDeviceToken"
         if token in self._unregistered and status == 200:
             status, reason, timestamp = 410, "Unregistered", self._unregistered[token]
 

@@ -50,6 +50,7 @@ GOOGLE_TOKEN_ENDPOINT = "https://oauth2.googleapis.com/token"  # noqa: S105 - a 
 MAX_DATA_BYTES = 4096
 DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
 SEND_PATH = re.compile(r"^/v1/projects/([^/]+)/messages:send$")
+NEVER_ISSUED = re.compile(r"^0+$")  # all zeros: a token no app instance was given
 RESERVED_KEYS = {"from", "gcm", "message_type", "notification"}
 # errorCode -> (HTTP status, google.rpc status), FCM ErrorCode reference.
 ERRORS = {
@@ -344,6 +345,21 @@ class FakeFCM:
             return problem, 0.0
         assert isinstance(message, dict)
         target = str(message.get("token") or message.get("fid"))
+        if NEVER_ISSUED.match(target):
+            # A token FCM never issued (what `ringrelay doctor` probes with): FCM answers
+            # INVALID_ARGUMENT naming the token, after the credentials and project passed.
+            self.counts[400] += 1
+            return self._error(
+                400,
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                "INVALID_ARGUMENT",
+                "message.token",
+            ), 0.0
+        if doc.get("validate_only") is True:
+            # projects.messages.send: validate_only checks the request without sending it and
+            # answers with a placeholder name.
+            return (200, {"name": f"projects/{project}/messages/fake_message_id"}, None), 0.0
         for scripted in self._script:
             if scripted.token is None or scripted.token == target:
                 scripted.times -= 1

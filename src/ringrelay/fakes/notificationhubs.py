@@ -56,6 +56,11 @@ class FakeNotificationHubs:
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
     # Bench mode: (callId, monotonic receipt time) of each accepted push.
     receipts: Receipts = field(default_factory=Receipts)
+    # Formats the hub has platform credentials for (None: all). A direct send in another is
+    # refused with 400; the wording is the fake's own (no public source quotes the hub's).
+    platforms: set[str] | None = None
+    # Seconds added to the Date header of every answer: a server whose clock is off.
+    clock_offset: float = 0.0
 
     def __post_init__(self) -> None:
         self.pushes = collections.deque(maxlen=self.capacity)
@@ -69,7 +74,14 @@ class FakeNotificationHubs:
         app.router.add_post("/_fake/script", self._post_script)
         app.router.add_get("/_fake/pushes", self._get_pushes)
         app.router.add_delete("/_fake/pushes", self._reset)
+        app.on_response_prepare.append(self._date_header)
         return app
+
+    async def _date_header(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.clock_offset:
+            from email.utils import formatdate
+
+            response.headers["Date"] = formatdate(time.time() + self.clock_offset, usegmt=True)
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, tls_dir: str | None = None
@@ -108,6 +120,8 @@ class FakeNotificationHubs:
         self.script.clear()
         self.counts.clear()
         self.receipts.clear()
+        self.platforms = None
+        self.clock_offset = 0.0
 
     # --- checks ----------------------------------------------------------------------------
 
@@ -202,6 +216,8 @@ class FakeNotificationHubs:
         fmt = request.headers.get("ServiceBusNotification-Format", "")
         if fmt not in FORMATS:
             return self._answer(400, f"unknown ServiceBusNotification-Format {fmt!r}")
+        if self.platforms is not None and fmt not in self.platforms:
+            return self._answer(400, f"the hub has no credentials configured for platform {fmt!r}")
         handle = request.headers.get("ServiceBusNotification-DeviceHandle", "")
         if not handle:
             return self._answer(400, "missing ServiceBusNotification-DeviceHandle")

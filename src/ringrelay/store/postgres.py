@@ -596,6 +596,14 @@ class PostgresStore:
         )
         return [RemovedRegistration(*r) for r in rows]
 
+    async def recent_removals(self, limit: int) -> list[RemovedRegistration]:
+        rows = await self.pool.fetch(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations ORDER BY removed_at DESC LIMIT $1",
+            limit,
+        )
+        return [RemovedRegistration(*r) for r in rows]
+
     # --- API keys ---------------------------------------------------------------------------
 
     @_writes
@@ -918,6 +926,39 @@ class PostgresStore:
                 correlation_id,
             )
             events = [self._event(r) for r in rows]
+            for ev in events:
+                ev.deliveries = [
+                    _outcome(r)
+                    for r in await conn.fetch(
+                        f"SELECT {_OUTCOME_COLUMNS} FROM deliveries WHERE event_id = $1 "
+                        "ORDER BY identity, device_id",
+                        ev.event_id,
+                    )
+                ]
+        return events
+
+    async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
+        rows = await self.pool.fetch(
+            "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > $1 "
+            "GROUP BY platform, push_kind",
+            now,
+        )
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
+        async with self.pool.acquire() as conn:
+            # Newest first through events_updated; the recipient is a filter on that walk (an
+            # operator's look-up, rare enough not to earn an index on the hot table).
+            rows = await conn.fetch(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                "received_at FROM events WHERE ($1::text IS NULL OR recipient = $1) "
+                "ORDER BY updated_at DESC LIMIT $2",
+                recipient,
+                limit,
+            )
+            events = [
+                EventRecord(r[0], r[1], EventStatus(r[2]), r[3], r[4], r[5], r[6]) for r in rows
+            ]
             for ev in events:
                 ev.deliveries = [
                     _outcome(r)

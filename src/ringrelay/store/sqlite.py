@@ -590,6 +590,17 @@ class SQLiteStore:
             for r in rows
         ]
 
+    async def recent_removals(self, limit: int) -> list[RemovedRegistration]:
+        rows = self.db.execute(
+            "SELECT identity, device_id, platform, token_fingerprint, reason, removed_at "
+            "FROM removed_registrations ORDER BY removed_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            RemovedRegistration(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), float(r[5]))
+            for r in rows
+        ]
+
     # --- API keys ---------------------------------------------------------------------------
 
     async def create_api_key(self, key: ApiKey) -> None:
@@ -869,6 +880,45 @@ class SQLiteStore:
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
         db = self.db
         events = self._events("correlation_id = ?", correlation_id)
+        for ev in events:
+            ev.deliveries = [
+                _outcome(r)
+                for r in db.execute(
+                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
+                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
+                    "ORDER BY identity, device_id",
+                    (ev.event_id,),
+                )
+            ]
+        return events
+
+    async def registration_counts(self, now: float) -> dict[tuple[str, str], int]:
+        rows = self.db.execute(
+            "SELECT platform, push_kind, COUNT(*) FROM registrations WHERE expires_at > ? "
+            "GROUP BY platform, push_kind",
+            (now,),
+        ).fetchall()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
+        where, args = ("WHERE recipient = ? ", (recipient, limit)) if recipient else ("", (limit,))
+        db = self.db
+        events = [
+            EventRecord(
+                event_id=str(r[0]),
+                event_type=str(r[1]),
+                status=EventStatus(r[2]),
+                reason=str(r[3]),
+                correlation_id=None if r[4] is None else str(r[4]),
+                recipient=None if r[5] is None else str(r[5]),
+                received_at=float(r[6]),
+            )
+            for r in db.execute(
+                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
+                f"received_at FROM events {where}ORDER BY updated_at DESC LIMIT ?",
+                args,
+            )
+        ]
         for ev in events:
             ev.deliveries = [
                 _outcome(r)

@@ -1,0 +1,1 @@
+"""Operations: `ringrelay doctor`, call traces and the dashboard."""
