@@ -364,3 +364,25 @@ async def test_added_to_a_chat_is_off_by_default_and_on_when_asked(
     assert status == 200 and body["events"][0]["status"] == "delivered"
     [push] = list(fake_apns.pushes)
     assert push["body"]["aps"]["alert"]["body"] == "Someone added you to a chat"
+
+
+async def test_a_key_sealed_under_another_encryption_key_skips_its_device(
+    http, make_server, direct_settings, fake_apns: FakeAPNs, tmp_path
+) -> None:
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = make_server(
+        **direct_settings(fcm=False), chat_key_encryption_key=MASTER, database_url=db
+    )
+    await _alert(
+        http, first, ADA, "iphone", token=apns_token(1), chat_format="sdk", chat_key=_key()[1]
+    )
+    await _alert(http, first, ADA, "ipad", token=apns_token(2))
+    first.stop()
+    other = base64.b64encode(os.urandom(32)).decode()
+    server = make_server(
+        **direct_settings(fcm=False), chat_key_encryption_key=other, database_url=db
+    )
+    _, report = await _message(http, server, text="hello")
+    assert [d["device_id"] for d in report["deliveries"]] == ["ipad"]
+    assert "chat key unusable: iphone" in report["reason"]
+    assert [p["device_token"] for p in fake_apns.pushes] == [apns_token(2)]
