@@ -124,7 +124,9 @@ async def test_expired_registrations_are_never_pushed_and_are_purged(http, make_
     now = time.time()
     with sqlite3.connect(db_path) as db:
         db.execute(
-            "INSERT INTO registrations VALUES (?, 'old', 'apns', ?, 'voip', NULL, ?, ?, ?)",
+            "INSERT INTO registrations (identity, device_id, platform, token, push_kind, "
+            "app_id, created_at, updated_at, expires_at) "
+            "VALUES (?, 'old', 'apns', ?, 'voip', NULL, ?, ?, ?)",
             (ALICE, apns_token(99), now - 1000, now - 1000, now - 1),
         )
     assert [d["device_id"] for d in await devices(http, server)] == ["live"]

@@ -10,6 +10,7 @@ from typing import Any
 from ringrelay.models import DeliveryStatus
 from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import CallAction, Store
+from ringrelay.store import sqlite as sqlite_store
 from ringrelay.store.sqlite import SQLiteStore
 from tests.test_store_contract import NOW, store  # noqa: F401  (the fixture)
 
@@ -110,7 +111,7 @@ async def test_sqlite_upgrades_an_older_database(tmp_path: Any) -> None:
         assert [k.key_id for k in await s.list_api_keys()] == ["k1"]  # kept
         await s.put_number(NumberAssignment("+14255551212", USER, "", NOW, NOW))
         assert (await s.get_number("+14255551212")) is not None
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
     finally:
         await s.close()
 

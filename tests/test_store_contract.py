@@ -521,7 +521,8 @@ async def test_sqlite_file_of_schema_1_is_upgraded_in_place(tmp_path) -> None:
     db = sqlite3.connect(path)
     db.executescript(SQLITE_SCHEMA_1)
     db.execute(
-        f"INSERT INTO registrations ({sqlite_store._REG_COLUMNS}) "
+        "INSERT INTO registrations (identity, device_id, platform, token, push_kind, app_id, "
+        "created_at, updated_at, expires_at) "  # schema 1's columns
         "VALUES ('8:acs:r_a', 'd1', 'apns', ?, 'voip', NULL, ?, ?, ?)",
         ("ab" * 32, NOW, NOW, NOW + 3600),
     )

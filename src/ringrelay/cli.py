@@ -422,6 +422,20 @@ def _simulate(args: argparse.Namespace) -> int:
     return _send_events(args, event, f"IncomingCall {event['id']} (callId {call_id}) to {args.to}")
 
 
+def _simulate_chat_message(args: argparse.Namespace) -> int:
+    from ringrelay.simulate import chat_message_event
+
+    event = chat_message_event(
+        args.to, args.sender, args.text, args.display_name, thread_id=args.thread
+    )
+    data = event["data"]
+    title = (
+        f"ChatMessageReceived {event['id']} (messageId {data['messageId']}, "
+        f"thread {data['threadId']}) to {args.to}"
+    )
+    return _send_events(args, event, title)
+
+
 def _simulate_call_ended(args: argparse.Namespace) -> int:
     from ringrelay.simulate import call_ended_event
 
@@ -681,6 +695,20 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--display-name", default="ringrelay simulator", help="caller's name")
     call.add_argument("--call-id", help="the call's correlationId (default: a new one)")
     call.set_defaults(func=_simulate)
+    chat = sim_sub.add_parser(
+        "chat-message", help="a Microsoft.Communication.ChatMessageReceived for one recipient"
+    )
+    chat.add_argument("--to", required=True, help="recipient rawId")
+    chat.add_argument(
+        "--from",
+        dest="sender",
+        default="8:acs:00000000-0000-0000-0000-000000000000_sender",
+        help="sender rawId",
+    )
+    chat.add_argument("--text", default="Hello from the ringrelay simulator")
+    chat.add_argument("--display-name", default="ringrelay simulator", help="sender's name")
+    chat.add_argument("--thread", help="thread id (default: a new 19:<hex>@thread.v2)")
+    chat.set_defaults(func=_simulate_chat_message)
     ended = sim_sub.add_parser("call-ended", help="a Microsoft.Communication.CallEnded")
     ended.add_argument("--call-id", required=True, help="the ringing call's correlationId")
     ended.set_defaults(func=_simulate_call_ended)
@@ -694,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", help="an API key with the register scope (default: RINGRELAY_API_KEY)"
     )
     answered.set_defaults(func=_simulate_answered)
-    for p in (call, ended, answered):
+    for p in (call, chat, ended, answered):
         p.add_argument("--server", default="http://127.0.0.1:8080", help="ringrelay's base URL")
         p.add_argument("--secret", help="webhook secret (default: $RINGRELAY_WEBHOOK_SECRET)")
     simulate_sub = sim_sub

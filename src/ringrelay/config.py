@@ -310,6 +310,20 @@ class Settings(BaseSettings):
     # A call is redirected at most this many times (per correlationId): the loop guard.
     max_redirects: int = Field(default=1, ge=0, le=10)
 
+    # Chat pushes (ringrelay.chat, README "Chat pushes").
+    # What a visible chat notification says: the text travels through Apple's/Google's servers.
+    chat_preview: Literal["full", "sender", "none"] = "full"
+    # Deliver a chat push no later than this after the message (APNs expiration, FCM ttl; FCM
+    # keeps a message at most 28 days).
+    chat_ttl_seconds: int = Field(default=3600, ge=60, le=28 * 86400)
+    # Messages of one thread within this window share one notification entry with a count; 0 off.
+    chat_coalesce_seconds: float = Field(default=0.0, ge=0, le=3600)
+    # "X added you to a chat" for ChatThreadCreatedWithUser / ChatParticipantAddedToThreadWithUser.
+    chat_notify_added: bool = False
+    # Seals the apps' chat keys at rest (AES-256-GCM): base64 of 32 bytes. Without it, `sdk`
+    # registrations are refused.
+    chat_key_encryption_key: SecretStr | None = None
+
     @property
     def registrar_auth_enabled(self) -> bool:
         """A JWT issuer is configured (users can authenticate)."""
@@ -382,6 +396,19 @@ class Settings(BaseSettings):
     @property
     def call_automation_configured(self) -> bool:
         return self.acs_connection_string is not None or self.acs_endpoint is not None
+
+    @field_validator("chat_key_encryption_key")
+    @classmethod
+    def _check_chat_key_encryption_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        from ringrelay.chat.keys import ChatKeyVaultError, parse_master_key
+
+        try:
+            parse_master_key(value.get_secret_value())
+        except ChatKeyVaultError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("nh_connection_string")
     @classmethod

@@ -25,6 +25,13 @@ class PushKind(StrEnum):
     ALERT = "alert"
 
 
+class ChatFormat(StrEnum):
+    """How chat messages reach an `alert` registration (ringrelay.chat)."""
+
+    NOTIFICATION = "notification"  # a visible alert built by ringrelay
+    SDK = "sdk"  # the ACS Chat SDK's encrypted data push, decrypted by the app with its key
+
+
 class DeliveryStatus(StrEnum):
     IN_FLIGHT = "in_flight"  # claimed, push under way
     ACCEPTED = "accepted"  # the provider took it
@@ -50,6 +57,7 @@ class EventStatus(StrEnum):
     REDIRECTED = "redirected"  # routing: Call Automation redirected the call
     CALL_REJECTED = "call_rejected"  # routing: Call Automation rejected the call
     CANCELLED = "cancelled"  # the call had already stopped ringing: nothing pushed
+    MUTED = "muted"  # a chat message in a thread its recipient muted: recorded, not pushed
 
 
 # ACS raw identifiers (../shared/notes/acs-payloads.md §1.7). Anything that is not one of these
@@ -79,6 +87,9 @@ class Registration:
     created_at: float
     updated_at: float
     expires_at: float
+    chat_format: ChatFormat = ChatFormat.NOTIFICATION
+    # The app's chat key sealed by ringrelay.chat.keys (never the key itself); `sdk` format only.
+    chat_key: str | None = None
 
 
 @dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from ringrelay.models import Platform, PushKind, Registration, is_raw_id
+from ringrelay.models import ChatFormat, Platform, PushKind, Registration, is_raw_id
 from ringrelay.store import Store
 
 # Every pattern here is applied with fullmatch: `$` would also match before a trailing newline.
@@ -84,8 +84,11 @@ def build_registration(
     app_id: str | None,
     ttl_seconds: int,
     now: float | None = None,
+    chat_format: ChatFormat = ChatFormat.NOTIFICATION,
+    sealed_chat_key: str | None = None,
 ) -> Registration:
-    """Validate every field (raising RegistrationError naming the first bad one)."""
+    """Validate every field (raising RegistrationError naming the first bad one). The chat key
+    arrives sealed (ringrelay.chat.keys): the API checks and seals it before this."""
     check_identity(identity)
     check_device_id(device_id)
     check_token(platform, token)
@@ -102,6 +105,8 @@ def build_registration(
         created_at=now,
         updated_at=now,
         expires_at=now + ttl_seconds,
+        chat_format=chat_format,
+        chat_key=sealed_chat_key,
     )
 
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ringrelay.auth.guard import Guard
+from ringrelay.chat.keys import ChatKeyVault, parse_master_key
 from ringrelay.config import Settings
 from ringrelay.delivery.dispatcher import Dispatcher
 from ringrelay.delivery.router import ProviderRouter
@@ -121,6 +122,8 @@ class Relay:
     delivery_description: str
     guard: Guard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Seals and opens the apps' chat keys; None without RINGRELAY_CHAT_KEY_ENCRYPTION_KEY.
+    chat_keys: ChatKeyVault | None = None
     webhook_in_progress: int = 0  # deliveries being handled now (see webhook_max_concurrent)
     call_router: CallRouter | None = None  # rules, numbers, Call Automation (routing/)
 
@@ -130,12 +133,14 @@ def make_relay(settings: Settings) -> Relay:
     store = open_store(settings.database_url)
     router, sandbox, description = build_router(settings)
     call_router = build_call_router(settings, store)
+    master = settings.chat_key_encryption_key
+    chat_keys = ChatKeyVault(parse_master_key(master.get_secret_value())) if master else None
     dispatcher = Dispatcher(
         store,
         router,
         metrics,
         ring_window_seconds=settings.ring_window_seconds,
-        kinds=event_kinds(call_router),
+        kinds=event_kinds(settings, call_router, chat_keys),
     )
     metrics.watch(provider_gauges(router.providers(), dispatcher._limits))
     return Relay(
@@ -148,6 +153,7 @@ def make_relay(settings: Settings) -> Relay:
         description,
         Guard(settings, store),
         call_router=call_router,
+        chat_keys=chat_keys,
     )
 
 

@@ -177,3 +177,56 @@ def summarize(report: dict[str, Any]) -> list[str]:
             line += f" ({d['reason']})"
         lines.append(line)
     return lines
+
+
+def chat_message_event(
+    to: str,
+    sender: str = "8:acs:00000000-0000-0000-0000-000000000000_sender",
+    text: str = "Hello from the ringrelay simulator",
+    display_name: str = "ringrelay simulator",
+    *,
+    thread_id: str | None = None,
+    message_id: str | None = None,
+    event_id: str | None = None,
+    event_type: str = "Microsoft.Communication.ChatMessageReceived",
+    event_time: datetime | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One ChatMessageReceived (or Edited/Deleted) event for one recipient, in the Event Grid
+    schema, shaped like the documented sample (../shared/fixtures/events/chatmessage*.json)."""
+    now = event_time or datetime.now(UTC)
+    when = now.strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+    millis = int(now.timestamp() * 1000)
+    message_id = message_id or str(millis)
+    thread_id = thread_id or f"19:{uuid.uuid4().hex}@thread.v2"
+    data: dict[str, Any] = {
+        "messageBody": text,
+        "messageId": message_id,
+        "metadata": metadata or {},
+        "senderId": sender,
+        "senderCommunicationIdentifier": _identifier(sender),
+        "senderDisplayName": display_name,
+        "composeTime": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+        "type": "Text",
+        "version": millis,
+        "recipientId": to,
+        "recipientCommunicationIdentifier": _identifier(to),
+        "transactionId": _b64url(os.urandom(16)) + ".1.1.1.1.1.1.1",
+        "threadId": thread_id,
+    }
+    if event_type.endswith("ChatMessageEdited"):
+        data["editTime"] = data["composeTime"]
+    elif event_type.endswith("ChatMessageDeleted"):
+        data["deleteTime"] = data["composeTime"]
+        del data["messageBody"], data["metadata"]
+    return {
+        "id": event_id or str(uuid.uuid4()),
+        "topic": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ringrelay/"
+        "providers/Microsoft.Communication/communicationServices/ringrelay-sim",
+        "subject": f"thread/{thread_id}/sender/{sender}/recipient/{to}",
+        "data": data,
+        "eventType": event_type,
+        "dataVersion": "1.0",
+        "metadataVersion": "1",
+        "eventTime": when,
+    }

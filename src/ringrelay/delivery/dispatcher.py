@@ -64,7 +64,9 @@ class EventReport:
         if self.reason:
             out["reason"] = self.reason
         if self.correlation_id:
-            out["callId"] = self.correlation_id
+            # Chat events are recorded under their message id where a call keeps its callId.
+            chat = self.event_type.startswith("Microsoft.Communication.Chat")
+            out["messageId" if chat else "callId"] = self.correlation_id
         if self.recipient:
             out["recipient"] = self.recipient
         if self.deliveries or self.status not in (EventStatus.IGNORED, EventStatus.REJECTED):

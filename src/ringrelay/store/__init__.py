@@ -165,6 +165,17 @@ class Store(Protocol):
         """Seeding for benchmarks and imports; replaces rows with the same key."""
         ...
 
+    # muted chat threads (`until` None: until unmuted)
+    async def mute_thread(
+        self, identity: str, thread_id: str, until: float | None, now: float
+    ) -> None: ...
+    async def unmute_thread(self, identity: str, thread_id: str) -> bool: ...
+    async def muted_threads(self, identity: str, now: float) -> list[tuple[str, float | None]]:
+        """(thread id, until) of the identity's mutes still in force."""
+        ...
+
+    async def is_thread_muted(self, identity: str, thread_id: str, now: float) -> bool: ...
+
     # ledger
     async def claim_callee(
         self, event: EventRecord, identity: str, kind: PushKind, now: float, lease_until: float

@@ -35,6 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 import asyncpg
 
 from ringrelay.models import (
+    ChatFormat,
     DeliveryOutcome,
     DeliveryStatus,
     EventRecord,
@@ -214,6 +215,20 @@ MIGRATIONS: list[str] = [
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 6: chat pushes: a registration's chat format and sealed chat key; per-identity muted
+    # threads.
+    """
+    ALTER TABLE registrations
+        ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification',
+        ADD COLUMN chat_key TEXT;
+    CREATE TABLE muted_threads (
+        identity   TEXT NOT NULL,
+        thread_id  TEXT NOT NULL,
+        until      DOUBLE PRECISION,
+        muted_at   DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (identity, thread_id)
+    );
+    """,
 ]
 
 
@@ -248,7 +263,16 @@ def _claimable(stale_param: str) -> str:
 
 
 _REG_COLUMNS = (
-    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
+    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at, "
+    "chat_format, chat_key"
+)
+_REG_COUNT = len(_REG_COLUMNS.split(","))
+_REG_PLACEHOLDERS = ", ".join(f"${i}" for i in range(1, _REG_COUNT + 1))
+# Columns a re-registration replaces (all but the key and created_at).
+_REG_UPDATE = ", ".join(
+    f"{c} = excluded.{c}"
+    for c in (c.strip() for c in _REG_COLUMNS.split(","))
+    if c not in ("identity", "device_id", "created_at")
 )
 _OUTCOME_COLUMNS = (
     "identity, device_id, platform, token_fingerprint, status, reason, attempts, provider, "
@@ -267,6 +291,8 @@ def _registration(row: Any) -> Registration:
         created_at=row[6],
         updated_at=row[7],
         expires_at=row[8],
+        chat_format=ChatFormat(row[9]),
+        chat_key=row[10],
     )
 
 
@@ -518,12 +544,9 @@ class PostgresStore:
                 reg.device_id,
             )
             inserted = await conn.fetchval(
-                f"INSERT INTO registrations ({_REG_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-                "ON CONFLICT (identity, device_id) DO UPDATE SET platform = excluded.platform, "
-                "token = excluded.token, push_kind = excluded.push_kind, "
-                "app_id = excluded.app_id, updated_at = excluded.updated_at, "
-                "expires_at = excluded.expires_at RETURNING (xmax = 0)",
+                f"INSERT INTO registrations ({_REG_COLUMNS}) VALUES ({_REG_PLACEHOLDERS}) "
+                f"ON CONFLICT (identity, device_id) DO UPDATE SET {_REG_UPDATE} "
+                "RETURNING (xmax = 0)",
                 *self._reg_values(reg),
             )
         return bool(inserted), int(displaced)
@@ -540,18 +563,16 @@ class PostgresStore:
             reg.created_at,
             reg.updated_at,
             reg.expires_at,
+            reg.chat_format.value,
+            reg.chat_key,
         )
 
     @_writes
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         async with self.pool.acquire() as conn:
             await conn.executemany(
-                f"INSERT INTO registrations ({_REG_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-                "ON CONFLICT (identity, device_id) DO UPDATE SET token = excluded.token, "
-                "platform = excluded.platform, push_kind = excluded.push_kind, "
-                "app_id = excluded.app_id, updated_at = excluded.updated_at, "
-                "expires_at = excluded.expires_at",
+                f"INSERT INTO registrations ({_REG_COLUMNS}) VALUES ({_REG_PLACEHOLDERS}) "
+                f"ON CONFLICT (identity, device_id) DO UPDATE SET {_REG_UPDATE}",
                 [self._reg_values(r) for r in regs],
             )
 
@@ -673,6 +694,49 @@ class PostgresStore:
             await self.pool.fetchval("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
         )
 
+    # --- muted chat threads -----------------------------------------------------------------
+
+    @_writes
+    async def mute_thread(
+        self, identity: str, thread_id: str, until: float | None, now: float
+    ) -> None:
+        await self.pool.execute(
+            "INSERT INTO muted_threads (identity, thread_id, until, muted_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (identity, thread_id) DO UPDATE SET "
+            "until = excluded.until, muted_at = excluded.muted_at",
+            identity,
+            thread_id,
+            until,
+            now,
+        )
+
+    @_writes
+    async def unmute_thread(self, identity: str, thread_id: str) -> bool:
+        status = await self.pool.execute(
+            "DELETE FROM muted_threads WHERE identity = $1 AND thread_id = $2", identity, thread_id
+        )
+        return bool(status != "DELETE 0")
+
+    async def muted_threads(self, identity: str, now: float) -> list[tuple[str, float | None]]:
+        rows = await self.pool.fetch(
+            "SELECT thread_id, until FROM muted_threads WHERE identity = $1 "
+            "AND (until IS NULL OR until > $2) ORDER BY thread_id",
+            identity,
+            now,
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def is_thread_muted(self, identity: str, thread_id: str, now: float) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM muted_threads WHERE identity = $1 "
+                "AND thread_id = $2 AND (until IS NULL OR until > $3))",
+                identity,
+                thread_id,
+                now,
+            )
+        )
+
     # --- ledger -----------------------------------------------------------------------------
 
     # The event's row is written by a CTE in the same statement as the deliveries: one round
@@ -707,10 +771,11 @@ class PostgresStore:
         targets = [_registration(r[1:]) for r in rows]
         claim = Claim()
         for target, row in zip(targets, rows, strict=True):
-            if row[11]:
+            attempts, claimed = row[1 + _REG_COUNT], row[2 + _REG_COUNT]
+            if claimed:
                 claim.to_send.append(target)
-                if row[10]:
-                    claim.attempts[(target.identity, target.device_id)] = int(row[10])
+                if attempts:
+                    claim.attempts[(target.identity, target.device_id)] = int(attempts)
         if len(claim.to_send) < len(targets):
             await self._read_others(event.event_id, targets, claim)
         return targets, claim
@@ -1080,6 +1145,9 @@ class PostgresStore:
             deliveries = await conn.execute("DELETE FROM deliveries WHERE updated_at < $1", cutoff)
             events = await conn.execute("DELETE FROM events WHERE updated_at < $1", cutoff)
             await conn.execute("DELETE FROM removed_registrations WHERE removed_at < $1", cutoff)
+            await conn.execute(
+                "DELETE FROM muted_threads WHERE until IS NOT NULL AND until <= $1", now
+            )
             await conn.execute(
                 f"DELETE FROM instances WHERE last_seen < {_DB_NOW} - $1", INSTANCE_RETENTION
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ringrelay.models import (
+    ChatFormat,
     DeliveryOutcome,
     DeliveryStatus,
     EventRecord,
@@ -50,7 +51,7 @@ from ringrelay.store import (
 )
 from ringrelay.store.instance_lock import InstanceLock
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
 
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS registrations (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
     expires_at  REAL NOT NULL,
+    chat_format TEXT NOT NULL DEFAULT 'notification',
+    chat_key    TEXT,
     PRIMARY KEY (identity, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS registrations_token ON registrations (platform, token);
@@ -115,6 +118,14 @@ CREATE TABLE IF NOT EXISTS removed_registrations (
 );
 CREATE INDEX IF NOT EXISTS removed_registrations_identity
     ON removed_registrations (identity, removed_at);
+
+CREATE TABLE IF NOT EXISTS muted_threads (
+    identity   TEXT NOT NULL,
+    thread_id  TEXT NOT NULL,
+    until      REAL,
+    muted_at   REAL NOT NULL,
+    PRIMARY KEY (identity, thread_id)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id      TEXT PRIMARY KEY,
@@ -173,6 +184,10 @@ UPGRADES: dict[int, str] = {
     4: "",
     # Call routing: redirect/reject claims per call leg, and PSTN number assignment.
     5: ROUTING_TABLES,
+    # 6: chat pushes: a registration's chat format and sealed chat key (muted_threads is new:
+    # SCHEMA creates it).
+    6: "ALTER TABLE registrations ADD COLUMN chat_format TEXT NOT NULL DEFAULT 'notification'; "
+    "ALTER TABLE registrations ADD COLUMN chat_key TEXT;",
 }
 
 
@@ -203,12 +218,15 @@ def _number(row: tuple[Any, ...]) -> NumberAssignment:
 
 
 _REG_COLUMNS = (
-    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at"
+    "identity, device_id, platform, token, push_kind, app_id, created_at, updated_at, expires_at, "
+    "chat_format, chat_key"
 )
+_REG_PLACEHOLDERS = ", ".join("?" * len(_REG_COLUMNS.split(",")))
 
 
 def _registration(row: tuple[Any, ...]) -> Registration:
-    identity, device_id, platform, token, kind, app_id, created, updated, expires = row
+    identity, device_id, platform, token, kind, app_id, created, updated, expires = row[:9]
+    chat_format, chat_key = row[9], row[10]
     return Registration(
         identity=str(identity),
         device_id=str(device_id),
@@ -219,6 +237,24 @@ def _registration(row: tuple[Any, ...]) -> Registration:
         created_at=float(created),
         updated_at=float(updated),
         expires_at=float(expires),
+        chat_format=ChatFormat(chat_format),
+        chat_key=None if chat_key is None else str(chat_key),
+    )
+
+
+def _reg_values(reg: Registration, created_at: float | None = None) -> tuple[Any, ...]:
+    return (
+        reg.identity,
+        reg.device_id,
+        reg.platform.value,
+        reg.token,
+        reg.push_kind.value,
+        reg.app_id,
+        reg.created_at if created_at is None else created_at,
+        reg.updated_at,
+        reg.expires_at,
+        reg.chat_format.value,
+        reg.chat_key,
     )
 
 
@@ -569,18 +605,8 @@ class SQLiteStore:
             created_at = reg.created_at if existing is None else existing[0]
             db.execute(
                 f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    reg.identity,
-                    reg.device_id,
-                    reg.platform.value,
-                    reg.token,
-                    reg.push_kind.value,
-                    reg.app_id,
-                    created_at,
-                    reg.updated_at,
-                    reg.expires_at,
-                ),
+                f"VALUES ({_REG_PLACEHOLDERS})",
+                _reg_values(reg, created_at),
             )
         return existing is None, displaced
 
@@ -699,21 +725,8 @@ class SQLiteStore:
         with self._write() as db:
             db.executemany(
                 f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (
-                        r.identity,
-                        r.device_id,
-                        r.platform.value,
-                        r.token,
-                        r.push_kind.value,
-                        r.app_id,
-                        r.created_at,
-                        r.updated_at,
-                        r.expires_at,
-                    )
-                    for r in regs
-                ),
+                f"VALUES ({_REG_PLACEHOLDERS})",
+                (_reg_values(r) for r in regs),
             )
 
     async def list_registrations(self, identity: str, now: float) -> list[Registration]:
@@ -743,6 +756,42 @@ class SQLiteStore:
             (identity, kind.value, now),
         ).fetchall()
         return [_registration(r) for r in rows]
+
+    # --- muted chat threads -----------------------------------------------------------------
+
+    async def mute_thread(
+        self, identity: str, thread_id: str, until: float | None, now: float
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO muted_threads (identity, thread_id, until, muted_at) "
+                "VALUES (?, ?, ?, ?)",
+                (identity, thread_id, until, now),
+            )
+
+    async def unmute_thread(self, identity: str, thread_id: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM muted_threads WHERE identity = ? AND thread_id = ?",
+                (identity, thread_id),
+            )
+        return cur.rowcount > 0
+
+    async def muted_threads(self, identity: str, now: float) -> list[tuple[str, float | None]]:
+        rows = self.db.execute(
+            "SELECT thread_id, until FROM muted_threads WHERE identity = ? "
+            "AND (until IS NULL OR until > ?) ORDER BY thread_id",
+            (identity, now),
+        ).fetchall()
+        return [(str(r[0]), None if r[1] is None else float(r[1])) for r in rows]
+
+    async def is_thread_muted(self, identity: str, thread_id: str, now: float) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM muted_threads WHERE identity = ? AND thread_id = ? "
+            "AND (until IS NULL OR until > ?)",
+            (identity, thread_id, now),
+        ).fetchone()
+        return row is not None
 
     # --- ledger -----------------------------------------------------------------------------
 
@@ -1066,4 +1115,5 @@ class SQLiteStore:
             events = db.execute("DELETE FROM events WHERE updated_at < ?", (cutoff,)).rowcount
             db.execute("DELETE FROM removed_registrations WHERE removed_at < ?", (cutoff,))
             db.execute("DELETE FROM call_actions WHERE updated_at < ?", (cutoff,))
+            db.execute("DELETE FROM muted_threads WHERE until IS NOT NULL AND until <= ?", (now,))
         return PurgeCounts(registrations=regs, events=events, deliveries=deliveries)
