@@ -37,29 +37,37 @@ class RelayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+@contextlib.asynccontextmanager
+async def relay_running(relay: Relay) -> AsyncIterator[None]:
+    """Open the store, start the providers and the purge loop; undo it all on the way out. The
+    ASGI lifespan runs it, and so does any other host of the relay (Azure Functions)."""
+    await relay.store.open()
+    for provider in relay.router.providers():
+        await provider.start()
+    log.info(
+        "ringrelay %s: store %s, delivery %s",
+        __version__,
+        relay.store.description,
+        relay.delivery_description,
+    )
+    relay.tasks.append(asyncio.create_task(purge_loop(relay)))
+    try:
+        yield
+    finally:
+        for task in relay.tasks:
+            task.cancel()
+        for provider in relay.router.providers():
+            await provider.close()
+        await relay.store.close()
+
+
 def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     relay = relay or make_relay(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await relay.store.open()
-        for provider in relay.router.providers():
-            await provider.start()
-        log.info(
-            "ringrelay %s: store %s, delivery %s",
-            __version__,
-            relay.store.description,
-            relay.delivery_description,
-        )
-        relay.tasks.append(asyncio.create_task(purge_loop(relay)))
-        try:
+        async with relay_running(relay):
             yield
-        finally:
-            for task in relay.tasks:
-                task.cancel()
-            for provider in relay.router.providers():
-                await provider.close()
-            await relay.store.close()
 
     app = RelayApp(
         title="ringrelay",
