@@ -150,6 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("ringrelay").warning(
             "INSECURE: listening on %s with no registrar authentication (--insecure)", args.host
         )
+    if args.workers != 1:
+        return _serve_workers(args, settings)
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
@@ -178,6 +180,26 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     server.run()
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from ringrelay.hosting.workers import check_workers, serve_workers
+    from ringrelay.relay import make_relay
+
+    try:
+        check_workers(settings, args.workers)
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
+    relay = make_relay(settings)  # for the banner only: each worker builds its own
+    print(
+        f"ringrelay {__version__} on http://{args.host}:{args.port}, {args.workers} workers\n"
+        f"  store:    {relay.store.description}\n"
+        f"  delivery: {relay.delivery_description}",
+        flush=True,
+    )
+    serve_workers(settings, args.config, args.host, args.port, args.workers, args.access_log)
     return 0
 
 
@@ -266,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes behind the one port (PostgreSQL only; default 1)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",
