@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import uuid
+from pathlib import Path
 
 import aiohttp
 
@@ -53,15 +54,14 @@ async def test_two_workers_share_the_port_and_each_shuts_down_gracefully(
     try:
         wait_healthy(url, proc, seconds=30)
         for _ in range(100):  # both workers log their start (with their pid) once ready
-            started = set(re.findall(r"\[(\d+)\]: ringrelay \S+: store PostgreSQL", log.read_text()))
+            pattern = r"\[(\d+)\]: ringrelay \S+: store PostgreSQL"
+            started = set(re.findall(pattern, log.read_text()))
             if len(started) == 2:
                 break
             await asyncio.sleep(0.1)
         assert len(started) == 2, log.read_text()
         assert str(proc.pid) not in started  # the supervisor serves nothing itself
-        children = (
-            open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()  # noqa: ASYNC230
-        )
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert started <= set(children)
 
         token = apns_token(601)
