@@ -112,6 +112,115 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CountingReader:
+    """A text file that counts what was read, for the import's progress line."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.chars = 0
+
+    def read(self, size: int, /) -> str:
+        data: str = self.stream.read(size)
+        self.chars += len(data)
+        return data
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ringrelay.migration.jsonstream import JsonStreamError, iter_json_values
+    from ringrelay.migration.sample_mongo import ImportReport, import_documents
+    from ringrelay.relay import build_router
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    try:
+        size = os.path.getsize(args.file)
+        stream = open(args.file, encoding="utf-8-sig")  # closed by the with below
+    except OSError as exc:
+        print(f"ringrelay import: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    reader = _CountingReader(stream)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(report: ImportReport) -> None:
+        now = time.monotonic()
+        if show and now - last[0] >= 0.5:
+            last[0] = now
+            done = min(reader.chars / size, 1.0) if size else 1.0
+            bar = "#" * int(done * 30)
+            print(
+                f"\r[{bar:<30}] {done:4.0%}  {report.documents:,} documents, "
+                f"{report.imported + report.refreshed:,} stored, {report.refused:,} refused",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    router, _, _ = build_router(settings)
+    ttl = args.ttl_seconds or settings.default_ttl_seconds
+
+    async def run() -> ImportReport:
+        async with _opened_store(settings) as store:
+            return await import_documents(
+                iter_json_values(reader),
+                store,
+                router,
+                ttl,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+
+    try:
+        with stream:
+            report = asyncio.run(run())
+    except JsonStreamError as exc:
+        print(
+            f"\nringrelay import: {args.file}: {exc}; the documents before it were imported "
+            "(importing the file again after fixing it is safe)",
+            file=sys.stderr,
+        )
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"\nringrelay import: {args.file}: not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return 2
+    if show:
+        print(file=sys.stderr)
+    print(f"import of {args.file} (Microsoft sample's MongoDB registrar collection):")
+    for line in report.lines():
+        print(f"  {line}")
+    return 1 if report.refused else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ringrelay.migration.export import export_lines
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+
+    async def run(out: Any) -> int:
+        count = 0
+        async with _opened_store(settings) as store:
+            async for line in export_lines(store, time.time(), args.format):
+                out.write(line)
+                count += 1
+        return count
+
+    if args.output in (None, "-"):
+        count = asyncio.run(run(sys.stdout.buffer))
+        sys.stdout.flush()
+    else:
+        with open(args.output, "wb") as out:
+            count = asyncio.run(run(out))
+    print(
+        f"ringrelay export: {count} line(s) ({args.format}); they carry the device tokens in "
+        "full: keep the file as safe as the database",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -338,6 +447,37 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply pending schema migrations")
     db.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     db.set_defaults(func=_db)
+
+    imp = sub.add_parser("import", help="import registrations from another registrar")
+    imp_sub = imp.add_subparsers(dest="source", required=True)
+    mongo = imp_sub.add_parser(
+        "sample-mongo",
+        help="a mongoexport (JSON lines or --jsonArray) of Microsoft's sample's registrar",
+    )
+    mongo.add_argument("file", help="the mongoexport output")
+    mongo.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    mongo.add_argument(
+        "--ttl-seconds", type=int, help="lifetime of the imported registrations (default: setting)"
+    )
+    mongo.add_argument("--batch-size", type=int, default=1000, help="registrations per commit")
+    mongo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress line on stderr (default: when stderr is a terminal)",
+    )
+    mongo.set_defaults(func=_import)
+
+    export = sub.add_parser("export", help="every live registration, as JSON lines")
+    export.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "sample-mongo"],
+        default="jsonl",
+        help="jsonl: ringrelay's fields; sample-mongo: Microsoft's sample's documents",
+    )
+    export.set_defaults(func=_export)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)
