@@ -221,6 +221,87 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eventgrid_subscription(args: argparse.Namespace) -> int:
+    from ringrelay.provisioning.eventgrid import (
+        CALL_LIFECYCLE,
+        CHAT,
+        INCOMING_CALL,
+        SubscriptionError,
+        SubscriptionSpec,
+        arm_template,
+        az_command,
+    )
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    filters: list[Any] = []
+    if args.advanced_filters:
+        try:
+            with open(args.advanced_filters, "rb") as f:
+                loaded = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            print(f"ringrelay eventgrid: --advanced-filters: {exc}", file=sys.stderr)
+            return 2
+        # A list of filters, or an object carrying them as `advancedFilters`.
+        filters = loaded.get("advancedFilters", []) if isinstance(loaded, dict) else loaded
+        if not isinstance(filters, list):
+            print("ringrelay eventgrid: --advanced-filters: expected a JSON list", file=sys.stderr)
+            return 2
+    tenant = args.entra_tenant_id or (settings.eventgrid_tenant_id if args.entra else None)
+    audience = args.entra_audience or (settings.eventgrid_audience if args.entra else None)
+    if args.entra and not (tenant and audience):
+        print(
+            "ringrelay eventgrid: --entra needs RINGRELAY_EVENTGRID_TENANT_ID and "
+            "RINGRELAY_EVENTGRID_AUDIENCE (or --entra-tenant-id and --entra-audience)",
+            file=sys.stderr,
+        )
+        return 2
+    types = [INCOMING_CALL]
+    if args.call_lifecycle:
+        types += CALL_LIFECYCLE
+    if args.chat:
+        types += CHAT
+    spec = SubscriptionSpec(
+        endpoint=args.endpoint,
+        name=args.name,
+        event_types=types,
+        with_secret=settings.webhook_secret is not None,
+        entra_tenant_id=tenant,
+        entra_audience=audience,
+        max_delivery_attempts=args.max_delivery_attempts,
+        event_ttl_minutes=args.event_ttl,
+        max_events_per_batch=args.max_events_per_batch,
+        advanced_filters=filters,
+        dead_letter_storage_id=args.dead_letter_storage,
+        dead_letter_container=args.dead_letter_container,
+    )
+    try:
+        command, template = az_command(spec), arm_template(spec)
+    except SubscriptionError as exc:
+        print(f"ringrelay eventgrid: {exc}", file=sys.stderr)
+        return 2
+    if not spec.with_secret and not spec.entra_tenant_id:
+        print(
+            "ringrelay eventgrid: warning: neither RINGRELAY_WEBHOOK_SECRET nor --entra is set; "
+            "anyone who finds the endpoint could post events to it",
+            file=sys.stderr,
+        )
+    arm = orjson.dumps(template, option=orjson.OPT_INDENT_2).decode()
+    if args.print in ("az", "both"):
+        if args.print == "both":
+            print("# az CLI (ACS_RESOURCE_ID: the Communication Services resource id)")
+        print(command)
+    if args.print in ("arm", "both"):
+        if args.print == "both":
+            print(
+                "\n# ARM template: az deployment group create -g <group> --template-file <this> "
+                "--parameters communicationServicesName=<acs> webhookSecret=<secret>"
+            )
+        print(arm)
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -478,6 +559,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="jsonl: ringrelay's fields; sample-mongo: Microsoft's sample's documents",
     )
     export.set_defaults(func=_export)
+
+    eventgrid = sub.add_parser("eventgrid", help="the Event Grid side of the deployment")
+    eventgrid_sub = eventgrid.add_subparsers(dest="action", required=True)
+    egsub = eventgrid_sub.add_parser(
+        "subscription",
+        help="the az command and ARM template of the subscription feeding this relay",
+    )
+    egsub.add_argument(
+        "--endpoint",
+        required=True,
+        help="webhook URL without the secret: https://<host>/api/events",
+    )
+    egsub.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    egsub.add_argument("--name", default="ringrelay-incoming-call", help="subscription name")
+    egsub.add_argument(
+        "--entra",
+        action="store_true",
+        help="Entra ID delivery, with RINGRELAY_EVENTGRID_TENANT_ID/_AUDIENCE",
+    )
+    egsub.add_argument("--entra-tenant-id", help="overrides RINGRELAY_EVENTGRID_TENANT_ID")
+    egsub.add_argument("--entra-audience", help="overrides RINGRELAY_EVENTGRID_AUDIENCE")
+    egsub.add_argument("--call-lifecycle", action="store_true", help="also CallStarted/Ended/...")
+    egsub.add_argument("--chat", action="store_true", help="also the chat events")
+    egsub.add_argument("--max-delivery-attempts", type=int, default=2)
+    egsub.add_argument("--event-ttl", type=int, default=1, help="minutes")
+    egsub.add_argument("--max-events-per-batch", type=int, default=1)
+    egsub.add_argument(
+        "--advanced-filters", help="JSON file: a list of advanced filters (or {advancedFilters})"
+    )
+    egsub.add_argument("--dead-letter-storage", help="storage account resource id")
+    egsub.add_argument("--dead-letter-container", help="blob container for dead letters")
+    egsub.add_argument("--print", choices=["az", "arm", "both"], default="both")
+    egsub.set_defaults(func=_eventgrid_subscription)
 
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)
