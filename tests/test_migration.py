@@ -250,3 +250,30 @@ def test_platform_names_follow_the_sample() -> None:
     assert _platform("gcm") is Platform.GCM
     assert "retired" in str(_platform("windowsphone"))
     assert "none" in str(_platform("none"))
+
+
+async def test_a_batch_that_fails_once_is_retried(tmp_path) -> None:
+    """A dropped database connection in the middle of a long import costs a retry, not the run
+    (the suite's own fault tests kill every unnamed connection to the shared server)."""
+    from ringrelay.config import load_settings
+    from ringrelay.migration.sample_mongo import import_documents
+    from ringrelay.relay import build_router
+    from ringrelay.store.sqlite import SQLiteStore
+
+    class FlakyStore(SQLiteStore):
+        failures = 1
+
+        async def upsert_registrations(self, regs):
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionResetError("connection was closed in the middle of operation")
+            return await super().upsert_registrations(regs)
+
+    store = FlakyStore(str(tmp_path / "rr.db"))
+    await store.open()
+    try:
+        router, _, _ = build_router(load_settings(database_url="sqlite:///unused.db"))
+        report = await import_documents(GOOD, store, router, 3600, batch_size=2)
+        assert (report.imported, report.refused, store.failures) == (4, 0, 0)
+    finally:
+        await store.close()

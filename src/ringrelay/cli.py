@@ -184,6 +184,15 @@ def _import(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as exc:
         print(f"\nringrelay import: {args.file}: not UTF-8 text ({exc.reason})", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # The store went away for longer than the batch retries (the documents before the
+        # failing batch are stored; the import is idempotent).
+        print(
+            f"\nringrelay import: the store failed ({type(exc).__name__}: {exc}); run the "
+            "import again: what is stored already is only refreshed",
+            file=sys.stderr,
+        )
+        return 1
     if show:
         print(file=sys.stderr)
     print(f"import of {args.file} (Microsoft sample's MongoDB registrar collection):")

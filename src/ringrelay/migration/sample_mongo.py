@@ -13,6 +13,8 @@ is streamed: memory is one read chunk plus one batch, whatever the file's size."
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +27,15 @@ from ringrelay.models import Platform, PushKind, Registration
 from ringrelay.registry import RegistrationError, build_registration
 from ringrelay.store import Store
 
+log = logging.getLogger("ringrelay.import")
+
 # The sample's enum names that ringrelay cannot push to, with why (the others: SAMPLE_PLATFORMS).
 RETIRED_PLATFORMS = {
     "windowsphone": "Microsoft Push Notification Service (Windows Phone) is retired",
     "none": "the sample's placeholder platform 'none'",
 }
 EXAMPLES_KEPT = 20  # refusals listed in full in the report; the rest are counted by reason
+BATCH_ATTEMPTS = 3  # a batch is idempotent: one that failed (e.g. a dropped connection) is retried
 
 
 @dataclass
@@ -153,9 +158,20 @@ async def import_documents(
     keys: set[tuple[str, str]] = set()
     tokens: set[tuple[Platform, str]] = set()
 
+    async def store_batch() -> list[bool]:
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            try:
+                return await store.upsert_registrations(batch)
+            except Exception as exc:
+                if attempt == BATCH_ATTEMPTS:
+                    raise
+                log.warning("storing a batch failed (%s); retrying it", type(exc).__name__)
+                await asyncio.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
     async def flush() -> None:
         if batch:
-            for created in await store.upsert_registrations(batch):
+            for created in await store_batch():
                 if created:
                     report.imported += 1
                 else:
