@@ -2,8 +2,8 @@
 # Two stages: the build stage makes a virtual environment from wheels (every dependency ships
 # manylinux wheels, so no compiler is needed even there); the final image gets that environment
 # only, without pip, and runs as an unprivileged user.
-# tests/test_container.py runs this file's install and start steps in a fresh venv the way the
-# image runs them; the image build itself was not run on the machine this was written on.
+# Where no image registry is reachable, deploy/build-without-registry.sh builds this file with
+# buildah on a Debian base made from Debian's mirror (tests/test_container.py does, and runs it).
 
 ARG PYTHON_VERSION=3.12
 
@@ -16,7 +16,8 @@ RUN python -m venv /opt/ringrelay \
  && /opt/ringrelay/bin/pip uninstall --yes pip
 
 FROM python:${PYTHON_VERSION}-slim
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/ringrelay --create-home ringrelay
+RUN useradd --uid 10001 --user-group --no-log-init --shell /usr/sbin/nologin \
+      --home-dir /var/lib/ringrelay --create-home ringrelay
 COPY --from=build /opt/ringrelay /opt/ringrelay
 ENV PATH=/opt/ringrelay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
