@@ -277,3 +277,14 @@ async def test_a_batch_that_fails_once_is_retried(tmp_path) -> None:
         assert (report.imported, report.refused, store.failures) == (4, 0, 0)
     finally:
         await store.close()
+
+
+def test_the_progress_line_shows_when_asked(tmp_path) -> None:
+    env = clean_env() | {"RINGRELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'rr.db'}"}
+    file = tmp_path / "in.jsonl"
+    file.write_text("".join(json.dumps(d) + "\n" for d in GOOD))
+    out = run(["import", "sample-mongo", str(file), "--progress"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "100%" in out.stderr and "3 documents, 4 stored, 0 refused" in out.stderr
+    quiet = run(["import", "sample-mongo", str(file)], env, tmp_path)  # stderr is not a terminal
+    assert quiet.stderr == ""

@@ -143,9 +143,9 @@ def _import(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     last = [0.0]
 
-    def progress(report: ImportReport) -> None:
+    def progress(report: ImportReport, final: bool = False) -> None:
         now = time.monotonic()
-        if show and now - last[0] >= 0.5:
+        if show and (final or now - last[0] >= 0.5):
             last[0] = now
             done = min(reader.chars / size, 1.0) if size else 1.0
             bar = "#" * int(done * 30)
@@ -194,6 +194,7 @@ def _import(args: argparse.Namespace) -> int:
         )
         return 1
     if show:
+        progress(report, final=True)
         print(file=sys.stderr)
     print(f"import of {args.file} (Microsoft sample's MongoDB registrar collection):")
     for line in report.lines():
