@@ -349,3 +349,26 @@ async def test_a_connection_past_the_limit_gets_503_when_all_are_busy(
         assert (await busy_reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200 ")
         busy_writer.close()
     writer.close()
+
+
+def test_the_default_max_connections_fits_a_containers_1024_files(tmp_path) -> None:
+    """A default start must work where the hard limit is 1024 (a container's usual ulimit): the
+    default RINGRELAY_MAX_CONNECTIONS is fitted to it and the start-up log says so."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [*RINGRELAY, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    text = log.read_text()
+    assert "open files limited to 1024 (ulimit -n): at most" in text
+    assert "instead of the default 2048" in text

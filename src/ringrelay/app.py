@@ -39,49 +39,57 @@ class RelayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+@contextlib.asynccontextmanager
+async def relay_running(relay: Relay) -> AsyncIterator[None]:
+    """Open the store, start the providers and the purge loop; undo it all on the way out. The
+    ASGI lifespan runs it, and so does any other host of the relay (Azure Functions)."""
+    await relay.store.open()
+    for provider in relay.router.providers():
+        await provider.start()
+    call_router = relay.call_router
+    if call_router is not None and call_router.call_automation is not None:
+        await call_router.call_automation.start()
+        log.info("call routing: %s", call_router.call_automation.description)
+    log.info(
+        "ringrelay %s: store %s, delivery %s, registrar auth %s",
+        __version__,
+        relay.store.description,
+        relay.delivery_description,
+        relay.guard.description,
+    )
+    if not relay.guard.required and await relay.store.active_api_keys():
+        # Keys no longer switch authentication on by existing (issue 17): say so, since a
+        # deployment may have relied on that.
+        log.warning(
+            "registrar authentication is off, yet API keys are active: they are not "
+            "required; set RINGRELAY_AUTH_REQUIRED=true to require them"
+        )
+    elif relay.guard.required and await relay.guard.no_credential_can_pass():
+        log.warning(
+            "registrar authentication is required but nothing can authenticate (no JWT "
+            "issuer, no active API key): registrar requests get 503 until `ringrelay keys "
+            "create` makes a key"
+        )
+    relay.tasks.append(asyncio.create_task(purge_loop(relay)))
+    try:
+        yield
+    finally:
+        for task in relay.tasks:
+            task.cancel()
+        for provider in relay.router.providers():
+            await provider.close()
+        if call_router is not None and call_router.call_automation is not None:
+            await call_router.call_automation.close()
+        await relay.store.close()
+
+
 def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
     relay = relay or make_relay(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await relay.store.open()
-        for provider in relay.router.providers():
-            await provider.start()
-        call_router = relay.call_router
-        if call_router is not None and call_router.call_automation is not None:
-            await call_router.call_automation.start()
-            log.info("call routing: %s", call_router.call_automation.description)
-        log.info(
-            "ringrelay %s: store %s, delivery %s, registrar auth %s",
-            __version__,
-            relay.store.description,
-            relay.delivery_description,
-            relay.guard.description,
-        )
-        if not relay.guard.required and await relay.store.active_api_keys():
-            # Keys no longer switch authentication on by existing (issue 17): say so, since a
-            # deployment may have relied on that.
-            log.warning(
-                "registrar authentication is off, yet API keys are active: they are not "
-                "required; set RINGRELAY_AUTH_REQUIRED=true to require them"
-            )
-        elif relay.guard.required and await relay.guard.no_credential_can_pass():
-            log.warning(
-                "registrar authentication is required but nothing can authenticate (no JWT "
-                "issuer, no active API key): registrar requests get 503 until `ringrelay keys "
-                "create` makes a key"
-            )
-        relay.tasks.append(asyncio.create_task(purge_loop(relay)))
-        try:
+        async with relay_running(relay):
             yield
-        finally:
-            for task in relay.tasks:
-                task.cancel()
-            for provider in relay.router.providers():
-                await provider.close()
-            if call_router is not None and call_router.call_automation is not None:
-                await call_router.call_automation.close()
-            await relay.store.close()
 
     app = RelayApp(
         title="ringrelay",

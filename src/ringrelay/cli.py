@@ -192,6 +192,206 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CountingReader:
+    """A text file that counts what was read, for the import's progress line."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.chars = 0
+
+    def read(self, size: int, /) -> str:
+        data: str = self.stream.read(size)
+        self.chars += len(data)
+        return data
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ringrelay.migration.jsonstream import JsonStreamError, iter_json_values
+    from ringrelay.migration.sample_mongo import ImportReport, import_documents
+    from ringrelay.relay import build_router
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    try:
+        size = os.path.getsize(args.file)
+        stream = open(args.file, encoding="utf-8-sig")  # closed by the with below
+    except OSError as exc:
+        print(f"ringrelay import: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    reader = _CountingReader(stream)
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(report: ImportReport, final: bool = False) -> None:
+        now = time.monotonic()
+        if show and (final or now - last[0] >= 0.5):
+            last[0] = now
+            done = min(reader.chars / size, 1.0) if size else 1.0
+            bar = "#" * int(done * 30)
+            print(
+                f"\r[{bar:<30}] {done:4.0%}  {report.documents:,} documents, "
+                f"{report.imported + report.refreshed:,} stored, {report.refused:,} refused",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    router, _, _ = build_router(settings)
+    ttl = args.ttl_seconds or settings.default_ttl_seconds
+
+    async def run() -> ImportReport:
+        async with _opened_store(settings) as store:
+            return await import_documents(
+                iter_json_values(reader),
+                store,
+                router,
+                ttl,
+                batch_size=args.batch_size,
+                progress=progress,
+            )
+
+    try:
+        with stream:
+            report = asyncio.run(run())
+    except JsonStreamError as exc:
+        print(
+            f"\nringrelay import: {args.file}: {exc}; the documents before it were imported "
+            "(importing the file again after fixing it is safe)",
+            file=sys.stderr,
+        )
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"\nringrelay import: {args.file}: not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # The store went away for longer than the batch retries (the documents before the
+        # failing batch are stored; the import is idempotent).
+        print(
+            f"\nringrelay import: the store failed ({type(exc).__name__}: {exc}); run the "
+            "import again: what is stored already is only refreshed",
+            file=sys.stderr,
+        )
+        return 1
+    if show:
+        progress(report, final=True)
+        print(file=sys.stderr)
+    print(f"import of {args.file} (Microsoft sample's MongoDB registrar collection):")
+    for line in report.lines():
+        print(f"  {line}")
+    return 1 if report.refused else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ringrelay.migration.export import export_lines
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+
+    async def run(out: Any) -> int:
+        count = 0
+        async with _opened_store(settings) as store:
+            async for line in export_lines(store, time.time(), args.format):
+                out.write(line)
+                count += 1
+        return count
+
+    if args.output in (None, "-"):
+        count = asyncio.run(run(sys.stdout.buffer))
+        sys.stdout.flush()
+    else:
+        with open(args.output, "wb") as out:
+            count = asyncio.run(run(out))
+    print(
+        f"ringrelay export: {count} line(s) ({args.format}); they carry the device tokens in "
+        "full: keep the file as safe as the database",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _eventgrid_subscription(args: argparse.Namespace) -> int:
+    from ringrelay.provisioning.eventgrid import (
+        CALL_LIFECYCLE,
+        CHAT,
+        INCOMING_CALL,
+        SubscriptionError,
+        SubscriptionSpec,
+        arm_template,
+        az_command,
+    )
+
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    filters: list[Any] = []
+    if args.advanced_filters:
+        try:
+            with open(args.advanced_filters, "rb") as f:
+                loaded = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            print(f"ringrelay eventgrid: --advanced-filters: {exc}", file=sys.stderr)
+            return 2
+        # A list of filters, or an object carrying them as `advancedFilters`.
+        filters = loaded.get("advancedFilters", []) if isinstance(loaded, dict) else loaded
+        if not isinstance(filters, list):
+            print("ringrelay eventgrid: --advanced-filters: expected a JSON list", file=sys.stderr)
+            return 2
+    tenant = args.entra_tenant_id or (settings.eventgrid_tenant_id if args.entra else None)
+    audience = args.entra_audience or (settings.eventgrid_audience if args.entra else None)
+    if args.entra and not (tenant and audience):
+        print(
+            "ringrelay eventgrid: --entra needs RINGRELAY_EVENTGRID_TENANT_ID and "
+            "RINGRELAY_EVENTGRID_AUDIENCE (or --entra-tenant-id and --entra-audience)",
+            file=sys.stderr,
+        )
+        return 2
+    types = [INCOMING_CALL]
+    if args.call_lifecycle:
+        types += CALL_LIFECYCLE
+    if args.chat:
+        types += CHAT
+    spec = SubscriptionSpec(
+        endpoint=args.endpoint,
+        name=args.name,
+        event_types=types,
+        with_secret=settings.webhook_secret is not None,
+        entra_tenant_id=tenant,
+        entra_audience=audience,
+        max_delivery_attempts=args.max_delivery_attempts,
+        event_ttl_minutes=args.event_ttl,
+        max_events_per_batch=args.max_events_per_batch,
+        advanced_filters=filters,
+        dead_letter_storage_id=args.dead_letter_storage,
+        dead_letter_container=args.dead_letter_container,
+    )
+    try:
+        command, template = az_command(spec), arm_template(spec)
+    except SubscriptionError as exc:
+        print(f"ringrelay eventgrid: {exc}", file=sys.stderr)
+        return 2
+    if not spec.with_secret and not spec.entra_tenant_id:
+        print(
+            "ringrelay eventgrid: warning: neither RINGRELAY_WEBHOOK_SECRET nor --entra is set; "
+            "anyone who finds the endpoint could post events to it",
+            file=sys.stderr,
+        )
+    arm = orjson.dumps(template, option=orjson.OPT_INDENT_2).decode()
+    if args.print in ("az", "both"):
+        if args.print == "both":
+            print("# az CLI (ACS_RESOURCE_ID: the Communication Services resource id)")
+        print(command)
+    if args.print in ("arm", "both"):
+        if args.print == "both":
+            print(
+                "\n# ARM template: az deployment group create -g <group> --template-file <this> "
+                "--parameters communicationServicesName=<acs> webhookSecret=<secret>"
+            )
+        print(arm)
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -252,13 +452,21 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args, **overrides)
     if settings is None:
         return 2
-    problem = ensure_file_limit(settings)
-    if problem is not None:
-        print(f"ringrelay: {problem}", file=sys.stderr)
-        return 2
     from ringrelay.logs import configure
 
     configure(settings.log_level, settings.log_format)
+    settings, problem = ensure_file_limit(settings)
+    if problem is not None:
+        print(f"ringrelay: {problem}", file=sys.stderr)
+        return 2
+    if args.workers != 1:  # refused with SQLite before anything is opened
+        from ringrelay.hosting.workers import check_workers
+
+        try:
+            check_workers(settings, args.workers)
+        except ConfigError as exc:
+            print(f"ringrelay: {exc}", file=sys.stderr)
+            return 2
     store_problem = asyncio.run(_check_store(settings))
     if store_problem is not None:
         print(store_problem, file=sys.stderr)
@@ -281,6 +489,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("ringrelay").warning(
             "INSECURE: listening on %s with no registrar authentication (--insecure)", args.host
         )
+    if args.workers != 1:
+        return _serve_workers(args, settings)
     logging.getLogger("uvicorn.access").addFilter(_RedactSecretQuery())
     app = create_app(settings)
     relay = app.state.relay
@@ -325,6 +535,26 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     server.run()
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from ringrelay.hosting.workers import check_workers, serve_workers
+    from ringrelay.relay import make_relay
+
+    try:
+        check_workers(settings, args.workers)
+    except ConfigError as exc:
+        print(f"ringrelay: {exc}", file=sys.stderr)
+        return 2
+    relay = make_relay(settings)  # for the banner only: each worker builds its own
+    print(
+        f"ringrelay {__version__} on http://{args.host}:{args.port}, {args.workers} workers\n"
+        f"  store:    {relay.store.description}\n"
+        f"  delivery: {relay.delivery_description}",
+        flush=True,
+    )
+    serve_workers(settings, args.config, args.host, args.port, args.workers, args.access_log)
     return 0
 
 
@@ -669,6 +899,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections the kernel queues before they are accepted (default 2048)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes behind the one port (PostgreSQL only; default 1)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback address without registrar authentication (warns)",
@@ -772,6 +1008,70 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
     trace.set_defaults(func=_trace)
 
+    imp = sub.add_parser("import", help="import registrations from another registrar")
+    imp_sub = imp.add_subparsers(dest="source", required=True)
+    mongo = imp_sub.add_parser(
+        "sample-mongo",
+        help="a mongoexport (JSON lines or --jsonArray) of Microsoft's sample's registrar",
+    )
+    mongo.add_argument("file", help="the mongoexport output")
+    mongo.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    mongo.add_argument(
+        "--ttl-seconds", type=int, help="lifetime of the imported registrations (default: setting)"
+    )
+    mongo.add_argument("--batch-size", type=int, default=1000, help="registrations per commit")
+    mongo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress line on stderr (default: when stderr is a terminal)",
+    )
+    mongo.set_defaults(func=_import)
+
+    export = sub.add_parser("export", help="every live registration, as JSON lines")
+    export.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.add_argument(
+        "--format",
+        choices=["jsonl", "sample-mongo"],
+        default="jsonl",
+        help="jsonl: ringrelay's fields; sample-mongo: Microsoft's sample's documents",
+    )
+    export.set_defaults(func=_export)
+
+    eventgrid = sub.add_parser("eventgrid", help="the Event Grid side of the deployment")
+    eventgrid_sub = eventgrid.add_subparsers(dest="action", required=True)
+    egsub = eventgrid_sub.add_parser(
+        "subscription",
+        help="the az command and ARM template of the subscription feeding this relay",
+    )
+    egsub.add_argument(
+        "--endpoint",
+        required=True,
+        help="webhook URL without the secret: https://<host>/api/events",
+    )
+    egsub.add_argument("--config", help="TOML settings file (also RINGRELAY_CONFIG)")
+    egsub.add_argument("--name", default="ringrelay-incoming-call", help="subscription name")
+    egsub.add_argument(
+        "--entra",
+        action="store_true",
+        help="Entra ID delivery, with RINGRELAY_EVENTGRID_TENANT_ID/_AUDIENCE",
+    )
+    egsub.add_argument("--entra-tenant-id", help="overrides RINGRELAY_EVENTGRID_TENANT_ID")
+    egsub.add_argument("--entra-audience", help="overrides RINGRELAY_EVENTGRID_AUDIENCE")
+    egsub.add_argument("--call-lifecycle", action="store_true", help="also CallStarted/Ended/...")
+    egsub.add_argument("--chat", action="store_true", help="also the chat events")
+    egsub.add_argument("--max-delivery-attempts", type=int, default=2)
+    egsub.add_argument("--event-ttl", type=int, default=1, help="minutes")
+    egsub.add_argument("--max-events-per-batch", type=int, default=1)
+    egsub.add_argument(
+        "--advanced-filters", help="JSON file: a list of advanced filters (or {advancedFilters})"
+    )
+    egsub.add_argument("--dead-letter-storage", help="storage account resource id")
+    egsub.add_argument("--dead-letter-container", help="blob container for dead letters")
+    egsub.add_argument("--print", choices=["az", "arm", "both"], default="both")
+    egsub.set_defaults(func=_eventgrid_subscription)
+
     fake = sub.add_parser("fake", help="run a fake provider for local end-to-end runs")
     fake_sub = fake.add_subparsers(dest="provider", required=True)
     tls_help = "where to write the CA, keys and config"
@@ -822,7 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ringrelay.routing.commands import add_commands
 
-    add_commands(sub, simulate_sub, fake_sub)
+    add_commands(sub, simulate_sub, fake_sub, eventgrid_sub)
     return parser
 
 

@@ -296,21 +296,35 @@ def reserved_files(settings: Settings) -> int:
     return RESERVED_FILES + outgoing
 
 
-def ensure_file_limit(settings: Settings) -> str | None:
-    """Raise the soft limit on open files to what max_connections needs (up to the hard limit);
-    a message naming the setting when the hard limit is too low, else None."""
-    needed = settings.max_connections + reserved_files(settings)
+def ensure_file_limit(settings: Settings) -> tuple[Settings, str | None]:
+    """Raise the soft limit on open files to what max_connections needs (up to the hard limit).
+    When the hard limit is too low: a max_connections left at its default is fitted to it (a
+    container's 1024 must not stop a default start; logged), one the user set is refused with a
+    message naming the setting."""
+    reserved = reserved_files(settings)
+    needed = settings.max_connections + reserved
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            return (
-                f"RINGRELAY_MAX_CONNECTIONS: {settings.max_connections} connections need "
-                f"{needed} open files, but this process may open {hard} (ulimit -n); lower "
-                f"RINGRELAY_MAX_CONNECTIONS to {max(hard - reserved_files(settings), 0)} or less, "
-                "or raise the limit"
-            )
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return settings, None
+    if hard == resource.RLIM_INFINITY or hard >= needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return None
+        return settings, None
+    fitted = hard - reserved
+    if "max_connections" in settings.model_fields_set or fitted < 64:
+        return settings, (
+            f"RINGRELAY_MAX_CONNECTIONS: {settings.max_connections} connections need "
+            f"{needed} open files, but this process may open {hard} (ulimit -n); lower "
+            f"RINGRELAY_MAX_CONNECTIONS to {max(fitted, 0)} or less, or raise the limit"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logging.getLogger("ringrelay").warning(
+        "open files limited to %d (ulimit -n): at most %d connections instead of the default "
+        "%d (RINGRELAY_MAX_CONNECTIONS)",
+        hard,
+        fitted,
+        settings.max_connections,
+    )
+    return settings.model_copy(update={"max_connections": fitted}), None
 
 
 def uvicorn_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:

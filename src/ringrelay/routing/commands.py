@@ -273,8 +273,9 @@ def simulate_pstn_call_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def add_commands(sub: Any, simulate_sub: Any, fake_sub: Any) -> None:
-    """Register the routing commands on cli.py's parsers."""
+def add_commands(sub: Any, simulate_sub: Any, fake_sub: Any, eventgrid_sub: Any) -> None:
+    """Register the routing commands on cli.py's parsers (`eventgrid` is shared with the
+    deployment's `eventgrid subscription`)."""
     numbers = sub.add_parser("numbers", help="PSTN number assignment (number -> identity)")
     numbers_sub = numbers.add_subparsers(dest="action", required=True)
     assign = numbers_sub.add_parser("assign", help="redirect a number's calls to an identity")
@@ -295,9 +296,7 @@ def add_commands(sub: Any, simulate_sub: Any, fake_sub: Any) -> None:
     test.add_argument("--config", help=CONFIG_HELP)
     test.set_defaults(func=rules_test_command)
 
-    eventgrid = sub.add_parser("eventgrid", help="Event Grid helpers")
-    eg_sub = eventgrid.add_subparsers(dest="action", required=True)
-    filters = eg_sub.add_parser("filters", help="advanced filters equivalent to the rules")
+    filters = eventgrid_sub.add_parser("filters", help="advanced filters equivalent to the rules")
     filters.add_argument("--format", choices=["arm", "az", "json"], default="arm")
     filters.add_argument("--config", help=CONFIG_HELP)
     filters.set_defaults(func=eventgrid_filters_command)

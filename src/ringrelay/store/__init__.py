@@ -162,7 +162,19 @@ class Store(Protocol):
     async def active_api_keys(self) -> int: ...
 
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
-        """Seeding for benchmarks and imports; replaces rows with the same key."""
+        """Seeding for benchmarks; replaces rows with the same key."""
+        ...
+
+    async def upsert_registrations(self, regs: list[Registration]) -> list[bool]:
+        """`upsert_registration` for a batch, in one transaction (imports): per registration,
+        whether it was new. Keys and (platform, token) pairs must be unique within the batch."""
+        ...
+
+    async def registrations_after(
+        self, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[Registration]:
+        """Up to `limit` live registrations in (identity, device_id) order, after `after`: the
+        pages of an export."""
         ...
 
     # muted chat threads (`until` None: until unmuted)

@@ -576,6 +576,45 @@ class PostgresStore:
                 [self._reg_values(r) for r in regs],
             )
 
+    async def upsert_registrations(self, regs: list[Registration]) -> list[bool]:
+        if not regs:
+            return []
+        columns = list(zip(*(self._reg_values(r) for r in regs), strict=True))
+        async with self.pool.acquire() as conn, conn.transaction():
+            # As upsert_registration, for the whole batch: other holders of each token go first.
+            await conn.execute(
+                "DELETE FROM registrations r USING unnest($1::text[], $2::text[], $3::text[], "
+                "$4::text[]) AS n(identity, device_id, platform, token) "
+                "WHERE r.platform = n.platform AND r.token = n.token "
+                "AND NOT (r.identity = n.identity AND r.device_id = n.device_id)",
+                *columns[:4],
+            )
+            rows = await conn.fetch(
+                f"INSERT INTO registrations ({_REG_COLUMNS}) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                "$5::text[], $6::text[], $7::float8[], $8::float8[], $9::float8[], "
+                "$10::text[], $11::text[]) "
+                f"ON CONFLICT (identity, device_id) DO UPDATE SET {_REG_UPDATE} "
+                "RETURNING identity, device_id, (xmax = 0) AS created",
+                *columns,
+            )
+        created = {(r["identity"], r["device_id"]): bool(r["created"]) for r in rows}
+        return [created[(r.identity, r.device_id)] for r in regs]
+
+    async def registrations_after(
+        self, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[Registration]:
+        identity, device_id = after if after is not None else ("", "")
+        rows = await self.pool.fetch(
+            f"SELECT {_REG_COLUMNS} FROM registrations WHERE (identity, device_id) > ($1, $2) "
+            "AND expires_at > $3 ORDER BY identity, device_id LIMIT $4",
+            identity,
+            device_id,
+            now,
+            limit,
+        )
+        return [_registration(r) for r in rows]
+
     async def list_registrations(self, identity: str, now: float) -> list[Registration]:
         rows = await self.pool.fetch(
             f"SELECT {_REG_COLUMNS} FROM registrations WHERE identity = $1 AND expires_at > $2 "

@@ -729,6 +729,38 @@ class SQLiteStore:
                 (_reg_values(r) for r in regs),
             )
 
+    async def upsert_registrations(self, regs: list[Registration]) -> list[bool]:
+        created: list[bool] = []
+        with self._write() as db:
+            for reg in regs:  # the same statements as upsert_registration, one transaction
+                db.execute(
+                    "DELETE FROM registrations WHERE platform = ? AND token = ? "
+                    "AND NOT (identity = ? AND device_id = ?)",
+                    (reg.platform.value, reg.token, reg.identity, reg.device_id),
+                )
+                existing = db.execute(
+                    "SELECT created_at FROM registrations WHERE identity = ? AND device_id = ?",
+                    (reg.identity, reg.device_id),
+                ).fetchone()
+                db.execute(
+                    f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
+                    f"VALUES ({_REG_PLACEHOLDERS})",
+                    _reg_values(reg, None if existing is None else existing[0]),
+                )
+                created.append(existing is None)
+        return created
+
+    async def registrations_after(
+        self, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[Registration]:
+        identity, device_id = after if after is not None else ("", "")
+        rows = self.db.execute(
+            f"SELECT {_REG_COLUMNS} FROM registrations WHERE (identity, device_id) > (?, ?) "
+            "AND expires_at > ? ORDER BY identity, device_id LIMIT ?",
+            (identity, device_id, now, limit),
+        ).fetchall()
+        return [_registration(r) for r in rows]
+
     async def list_registrations(self, identity: str, now: float) -> list[Registration]:
         rows = self.db.execute(
             f"SELECT {_REG_COLUMNS} FROM registrations WHERE identity = ? AND expires_at > ? "

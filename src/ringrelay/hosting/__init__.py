@@ -1,0 +1,1 @@
+"""Ways to run the relay besides one `ringrelay serve` process: Azure Functions, several workers."""

@@ -1,0 +1,1 @@
+"""Moving registrations in and out: Microsoft's sample's MongoDB export in, JSON lines out."""
