@@ -425,3 +425,17 @@ def test_simulate_answered_and_call_ended_show_the_stops(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_a_stop_survives_a_restart_of_the_sqlite_server(http, make_server, tmp_path) -> None:
+    """SQLite keeps recent stops in memory for the IncomingCall path: a restarted server must
+    still know that a call stopped before it restarted."""
+    url = f"sqlite:///{tmp_path / 'restart.db'}"
+    first = make_server(database_url=url)
+    call_id = str(uuid.uuid4())
+    await register(http, first, CALLEE, "iphone")
+    status, _ = await post_events(http, first, [call_ended_event(call_id)])
+    assert status == 200
+    first.stop()
+    second = make_server(database_url=url)
+    assert (await ring(http, second, call_id))["status"] == "cancelled"
