@@ -632,3 +632,20 @@ async def test_fake_apns_lists_pushes_without_full_tokens_or_provider_tokens(
     assert listed["device_token"] == apns_token(31)[:8] + "…"
     assert listed["headers"]["authorization"].startswith("sha256:")
     assert listed["headers"]["apns-topic"] == recorded["headers"]["apns-topic"]
+
+
+async def test_apns_untrusted_certificate_is_a_configuration_error_naming_ca_file(
+    http, make_server, direct_settings, fake_apns: FakeAPNs
+) -> None:
+    """The fake APNs's CA not trusted (no ca_file): rustls refuses the certificate, and the push
+    settles on its first attempt as config_error naming the app's ca_file, nothing sent."""
+    server = make_server(**direct_settings(apns={"ca_file": None}, fcm=False))
+    callee = acs_id("untrusted-apns")
+    await register(http, server, callee, "iphone", token=apns_token(78))
+    code, body, _ = await call(http, server, callee)
+    assert code == 200, body
+    outcome = outcomes(body)["iphone"]
+    assert outcome["status"] == "config_error", outcome
+    assert outcome["attempts"] == 1
+    assert "certificate" in outcome["reason"] and "ca_file in the [[apns]]" in outcome["reason"]
+    assert len(fake_apns.pushes) == 0

@@ -1,8 +1,8 @@
 """The fake APNs's lean HTTP/2 server (the benchmark's, `FakeAPNs(framing="lean")`) over TLS on
-loopback, driven by the relay's HTTP/2 client (pyreqwest): that it applies Apple's checks, answers with
-bodies, keeps the client's flow control moving past its 64 KB window, holds an answer's body
-until the client's window admits it, answers PING, and that a GOAWAY or a dropped connection
-loses no push."""
+loopback, driven by the relay's HTTP/2 client (pyreqwest): that it applies Apple's checks,
+answers with bodies, keeps the client's flow control moving past its 64 KB window, holds an
+answer's body until the client's window admits it, answers PING, and that a GOAWAY or a dropped
+connection loses no push."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,15 +109,30 @@ def as_http2_error(exc: PyreqwestError, where: str) -> Http2Error:
 class Lane:
     """One pyreqwest client: one HTTP/2 connection (replaced by hyper when it is lost)."""
 
-    __slots__ = ("client", "closed", "in_flight", "number", "pool", "retiring")
+    __slots__ = (
+        "client",
+        "closed",
+        "first_sent",
+        "in_flight",
+        "number",
+        "pool",
+        "retiring",
+        "settled",
+    )
 
     def __init__(self, pool: Http2Pool, client: Client, number: int) -> None:
         self.pool = pool
         self.client = client
         self.number = number
-        self.in_flight = 0
+        self.in_flight = 0  # requests sent or waiting to be
         self.retiring = False
         self.closed = False
+        # hyper sends as soon as TLS is up, before the server's SETTINGS arrive, assuming 100
+        # streams; a server allowing 1 (Apple, until a first success) may then reset the
+        # connection (h2's server does). So a new lane carries one request until it is
+        # answered, by which time the server's SETTINGS are known (they precede any answer).
+        self.first_sent = False
+        self.settled = asyncio.Event()
 
     def retire(self) -> None:
         """Take no new requests; close once those under way are answered (the server said this
@@ -215,14 +231,23 @@ class Http2Pool:
         time_limit: float,
     ) -> Http2Answer:
         lane = self._lane()
-        builder = lane.client.request(method, self.origin + path)
-        for name, value, sensitive in headers:
-            builder = builder.header(name, value, is_sensitive=sensitive)
-        if body:
-            builder = builder.body_bytes(body)
-        request = builder.timeout(timedelta(seconds=time_limit)).build()
         lane.in_flight += 1
+        first = False
         try:
+            if not lane.settled.is_set():
+                if lane.first_sent:
+                    started = time.monotonic()
+                    async with asyncio.timeout(time_limit):
+                        await lane.settled.wait()
+                    time_limit -= time.monotonic() - started
+                else:
+                    lane.first_sent = first = True
+            builder = lane.client.request(method, self.origin + path)
+            for name, value, sensitive in headers:
+                builder = builder.header(name, value, is_sensitive=sensitive)
+            if body:
+                builder = builder.body_bytes(body)
+            request = builder.timeout(timedelta(seconds=max(time_limit, 0.001))).build()
             response = await request.send()
             data = bytes(await response.bytes())
         except TimeoutError:
@@ -232,6 +257,8 @@ class Http2Pool:
         except PyreqwestError as exc:
             raise Http2Error(f"{self.authority}: {exc}") from exc
         finally:
+            if first:
+                lane.settled.set()
             lane.in_flight -= 1
             if lane.retiring:
                 lane._idle()
