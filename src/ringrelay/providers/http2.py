@@ -31,7 +31,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -82,7 +82,7 @@ class Http2CertificateError(Http2Error):
 @dataclass(slots=True)
 class Http2Answer:
     status: int
-    headers: dict[str, str]  # names lower-case, as HTTP/2 sends them
+    headers: Mapping[str, str]  # pyreqwest's HeaderMap: case-insensitive, read in place
     body: bytes
     lane: Lane  # the connection that answered (to retire it)
 
@@ -262,7 +262,7 @@ class Http2Pool:
             lane.in_flight -= 1
             if lane.retiring:
                 lane._idle()
-        return Http2Answer(response.status, dict(response.headers.items()), data, lane)
+        return Http2Answer(response.status, response.headers, data, lane)
 
     def _retired(self, lane: Lane) -> None:
         if lane in self.lanes:
