@@ -267,3 +267,20 @@ async def test_an_untrusted_certificate_is_a_certificate_error(serve) -> None:
         await post(pool)
     assert caught.value.error.verify_message == "UnknownIssuer"
     assert script.streams_seen == 0
+
+
+async def test_a_connection_that_answers_nothing_in_a_timeout_is_replaced(serve) -> None:
+    """A half-open connection swallows every request until a PING (after an hour idle) would
+    find it dead: after a timeout with no answer on it, the retry goes out on a new one."""
+
+    def answer(conn: ServerConnection, stream_id: int, headers: Any, body: bytes) -> None:
+        if conn.number > 1 or headers.get(b"x-seq") == b"0":
+            conn.ok(stream_id, headers, body)  # connection 1 goes silent after its first
+
+    script = Script(answer=answer)
+    pool = await serve(script)
+    assert (await post(pool, 0)).status == 200
+    with pytest.raises(TimeoutError):
+        await post(pool, 1, limit=0.3)
+    again = await post(pool, 2)
+    assert again.status == 200 and script.connections == 2

@@ -17,9 +17,11 @@ module adds:
   clients ("lanes") are opened, a new one when every lane has `streams_per_connection` streams;
 - retiring a connection (`Lane.retire`): APNs' IdleTimeout, TooManyProviderTokenUpdates,
   Shutdown... say to continue on a new one; the lane takes no new request and closes when idle;
-- keep-alive: connections are kept for hours (Apple: reuse them) and PINGed after
-  `ping_interval` without a frame read, dropped if the PING is not answered in `ping_timeout`
-  (hyper's keep-alive; Pushy, Apple's most used Java client, PINGs after 60 s idle too);
+- keep-alive: connections are kept for hours and PINGed after `ping_interval` without a frame
+  read (Apple: "reuse connections for hours to days, PING after about an hour idle"), dropped if
+  the PING is not answered in `ping_timeout` (hyper's keep-alive);
+- a connection that answered nothing while a request timed out (a half-open TCP connection
+  swallows every request until the next PING) is retired, so the retry goes out on a new one;
 - errors as three kinds: `Http2CertificateError` (our configuration: which CA to trust),
   `Http2ConnectionLost` (the server may have acted), `Http2Error` (no HTTP answer); a timeout
   raises TimeoutError.
@@ -110,6 +112,7 @@ class Lane:
     """One pyreqwest client: one HTTP/2 connection (replaced by hyper when it is lost)."""
 
     __slots__ = (
+        "answered_at",
         "client",
         "closed",
         "first_sent",
@@ -125,6 +128,7 @@ class Lane:
         self.client = client
         self.number = number
         self.in_flight = 0  # requests sent or waiting to be
+        self.answered_at = 0.0  # monotonic time of the last answer
         self.retiring = False
         self.closed = False
         # hyper sends as soon as TLS is up, before the server's SETTINGS arrive, assuming 100
@@ -159,7 +163,7 @@ class Http2Pool:
         max_connections: int = 8,
         streams_per_connection: int = STREAMS_PER_CONNECTION,
         connect_timeout: float = 5.0,
-        ping_interval: float = 60.0,
+        ping_interval: float = 3600.0,
         ping_timeout: float = 20.0,
     ) -> None:
         self.origin = origin.rstrip("/")
@@ -233,10 +237,10 @@ class Http2Pool:
         lane = self._lane()
         lane.in_flight += 1
         first = False
+        started = time.monotonic()
         try:
             if not lane.settled.is_set():
                 if lane.first_sent:
-                    started = time.monotonic()
                     async with asyncio.timeout(time_limit):
                         await lane.settled.wait()
                     time_limit -= time.monotonic() - started
@@ -251,6 +255,11 @@ class Http2Pool:
             response = await request.send()
             data = bytes(await response.bytes())
         except TimeoutError:
+            if lane.answered_at < started and not lane.retiring:
+                log.info(
+                    "%s answered nothing for %.1f s: a new connection", self.authority, time_limit
+                )
+                lane.retire()
             raise
         except RequestError as exc:
             raise as_http2_error(exc, self.authority) from exc
@@ -262,6 +271,7 @@ class Http2Pool:
             lane.in_flight -= 1
             if lane.retiring:
                 lane._idle()
+        lane.answered_at = time.monotonic()
         return Http2Answer(response.status, response.headers, data, lane)
 
     def _retired(self, lane: Lane) -> None:
