@@ -5,7 +5,9 @@ the project's own framing (`h2client.py`, issue 20): measured on this machine ag
 did 11,694 against 7,453 requests/s at 84 against 122 us of CPU per request, lost no request to
 GOAWAY (the old client failed 17-29 of them in 3 runs of 5) and served 32 senders fairly on a
 connection that allows one stream (the old one served one sender 3,663 times while the other 31
-waited 3 s). bench/README.md has those figures and the relay's own.
+waited 3 s). Against the benchmark's lean fake, whose answers are the cheapest to decode, it
+costs more CPU per request than the old client did there (~70 against ~37 us): bench/README.md
+has those figures and the relay's own ("Issue 20").
 
 What the library does, per connection (hyper's HTTP/2 client): the server's
 SETTINGS_MAX_CONCURRENT_STREAMS and flow-control windows are respected, requests past the stream
@@ -15,6 +17,7 @@ sent again on a new connection, and a lost connection is replaced on the next re
 module adds:
 - a pool: a pyreqwest client keeps one HTTP/2 connection per origin, so up to `max_connections`
   clients ("lanes") are opened, a new one when every lane has `streams_per_connection` streams;
+- a new connection carries one request until it is answered (see `Lane.settled`);
 - retiring a connection (`Lane.retire`): APNs' IdleTimeout, TooManyProviderTokenUpdates,
   Shutdown... say to continue on a new one; the lane takes no new request and closes when idle;
 - keep-alive: connections are kept for hours and PINGed after `ping_interval` without a frame
