@@ -18,7 +18,7 @@ from ringrelay.fakes import tls
 from ringrelay.fakes.apns import FakeAPNs, write_signing_key
 from ringrelay.fakes.fcm import FakeFCM, write_service_account
 from ringrelay.providers.fcm import AccessToken, read_service_account
-from ringrelay.providers.h2client import H2Pool, header_block
+from ringrelay.providers.http2 import Http2Pool
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import (
     BackgroundLoop,
@@ -577,17 +577,9 @@ async def test_apns_unusable_connection_is_replaced(
     assert first["connection"] != second["connection"]
 
 
-def h2_pool_to(base_url: str, certs: tls.TestCertificates) -> H2Pool:
-    ctx = certs.client_context()
-    ctx.set_alpn_protocols(["h2"])
-    return H2Pool("127.0.0.1", int(base_url.rsplit(":", 1)[1]), ctx)
-
-
-def control_request(method: bytes, path: bytes = b"/_fake/pushes") -> bytes:
-    """A fake's control API request as an HTTP/2 header block (curl offers HTTP/2)."""
-    return header_block(
-        [(b":method", method), (b":scheme", b"https"), (b":authority", b"127.0.0.1")]
-    ) + header_block([(b":path", path)])
+def h2_pool_to(base_url: str, certs: tls.TestCertificates) -> Http2Pool:
+    """An HTTP/2 client for a fake's control API (curl offers HTTP/2)."""
+    return Http2Pool(base_url, certs.ca_file)
 
 
 async def test_fake_fcm_serves_its_control_api_over_both_protocols(
@@ -606,10 +598,10 @@ async def test_fake_fcm_serves_its_control_api_over_both_protocols(
     assert listing["pushes"] == [{"token": fcm_token(7)[:8] + "…", "message": {}, "headers": {}}]
     pool = h2_pool_to(fake_fcm.base_url, certs)
     try:
-        answer = await pool.request(control_request(b"GET"), b"", 5.0)
+        answer = await pool.request("GET", "/_fake/pushes", (), b"", 5.0)
         assert answer.status == 200
         assert orjson.loads(answer.body)["receipts"] == [["call-x", 1.0]]
-        assert (await pool.request(control_request(b"DELETE"), b"", 5.0)).status == 204
+        assert (await pool.request("DELETE", "/_fake/pushes", (), b"", 5.0)).status == 204
         assert len(fake_fcm.receipts) == 0
     finally:
         await pool.close()
@@ -630,7 +622,7 @@ async def test_fake_apns_lists_pushes_without_full_tokens_or_provider_tokens(
 
     pool = h2_pool_to(fake_apns.base_url, certs)
     try:
-        answer = await pool.request(control_request(b"GET"), b"", 5.0)
+        answer = await pool.request("GET", "/_fake/pushes", (), b"", 5.0)
     finally:
         await pool.close()
     assert answer.status == 200
@@ -663,3 +655,20 @@ async def test_untrusted_certificates_are_configuration_errors_naming_ca_file(
         assert outcome["status"] == "config_error", outcome
         assert outcome["attempts"] == 1
         assert "certificate" in outcome["reason"] and f"ca_file in the {table}" in outcome["reason"]
+
+
+async def test_apns_untrusted_certificate_is_a_configuration_error_naming_ca_file(
+    http, make_server, direct_settings, fake_apns: FakeAPNs
+) -> None:
+    """The fake APNs's CA not trusted (no ca_file): rustls refuses the certificate, and the push
+    settles on its first attempt as config_error naming the app's ca_file, nothing sent."""
+    server = make_server(**direct_settings(apns={"ca_file": None}, fcm=False))
+    callee = acs_id("untrusted-apns")
+    await register(http, server, callee, "iphone", token=apns_token(78))
+    code, body, _ = await call(http, server, callee)
+    assert code == 200, body
+    outcome = outcomes(body)["iphone"]
+    assert outcome["status"] == "config_error", outcome
+    assert outcome["attempts"] == 1
+    assert "certificate" in outcome["reason"] and "ca_file in the [[apns]]" in outcome["reason"]
+    assert len(fake_apns.pushes) == 0

@@ -1,8 +1,8 @@
 """The fake APNs's lean HTTP/2 server (the benchmark's, `FakeAPNs(framing="lean")`) over TLS on
-loopback, driven by the relay's HTTP/2 client: that it applies Apple's checks, answers with
-bodies, keeps the client's flow control moving past its 64 KB window, holds an answer's body
-until the client's window admits it, answers PING, and that a GOAWAY or a dropped connection
-loses no push."""
+loopback, driven by the relay's HTTP/2 client (pyreqwest): that it applies Apple's checks,
+answers with bodies, keeps the client's flow control moving past its 64 KB window, holds an
+answer's body until the client's window admits it, answers PING, and that a GOAWAY or a dropped
+connection loses no push."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ringrelay.fakes.apns import FakeAPNs, write_signing_key
 from ringrelay.fakes.tls import make_test_certificates
-from ringrelay.providers.h2client import H2Pool, header_block, header_field
+from ringrelay.providers.http2 import Header, Http2ConnectionLost, Http2Pool
 
 TEAM, KEY_ID, BUNDLE = "TEAM123456", "KEYLEAN001", "com.contoso.calling"
 
 
 @pytest.fixture
-async def lean(tmp_path: Path) -> AsyncIterator[tuple[FakeAPNs, Callable[..., H2Pool], str]]:
+async def lean(tmp_path: Path) -> AsyncIterator[tuple[FakeAPNs, Callable[..., Http2Pool], str]]:
     key_file = tmp_path / "AuthKey.p8"
     fake = FakeAPNs(framing="lean")
     fake.add_key(TEAM, KEY_ID, write_signing_key(key_file), {BUNDLE})
@@ -36,13 +36,10 @@ async def lean(tmp_path: Path) -> AsyncIterator[tuple[FakeAPNs, Callable[..., H2
     token = jwt.encode(
         {"iss": TEAM, "iat": int(time.time())}, private, "ES256", headers={"kid": KEY_ID}
     )
-    pools: list[H2Pool] = []
+    pools: list[Http2Pool] = []
 
-    def pool(**kw: Any) -> H2Pool:
-        ctx = certs.client_context()
-        ctx.set_alpn_protocols(["h2"])
-        port = int(fake.base_url.rsplit(":", 1)[1])
-        pools.append(H2Pool("127.0.0.1", port, ctx, **kw))
+    def pool(**kw: Any) -> Http2Pool:
+        pools.append(Http2Pool(fake.base_url, certs.ca_file, **kw))
         return pools[-1]
 
     yield fake, pool, token
@@ -51,18 +48,22 @@ async def lean(tmp_path: Path) -> AsyncIterator[tuple[FakeAPNs, Callable[..., H2
     await fake.stop()
 
 
-def push(token: str, device: str = "ab" * 32, topic: str = BUNDLE + ".voip") -> bytes:
-    return header_block(
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"https"),
-            (b":authority", b"127.0.0.1"),
-            (b":path", b"/3/device/" + device.encode()),
-            (b"apns-topic", topic.encode()),
-            (b"apns-push-type", b"voip"),
-            (b"apns-id", str(uuid.uuid4()).encode()),
-        ]
-    ) + header_field(b"authorization", b"bearer " + token.encode(), sensitive=True)
+async def send(
+    pool: Http2Pool,
+    token: str,
+    body: bytes,
+    *,
+    device: str = "ab" * 32,
+    topic: str = BUNDLE + ".voip",
+    time_limit: float = 5.0,
+) -> Any:
+    headers: list[Header] = [
+        ("apns-topic", topic, False),
+        ("apns-push-type", "voip", False),
+        ("apns-id", str(uuid.uuid4()), True),
+        ("authorization", "bearer " + token, True),
+    ]
+    return await pool.request("POST", "/3/device/" + device, headers, body, time_limit)
 
 
 def body(call_id: str, size: int = 200) -> bytes:
@@ -74,18 +75,18 @@ def body(call_id: str, size: int = 200) -> bytes:
 async def test_pushes_are_judged_recorded_and_answered(lean) -> None:
     fake, pool, token = lean
     p = pool()
-    ok = await p.request(push(token), body("call-1"), 5.0)
+    ok = await send(p, token, body("call-1"))
     assert ok.status == 200 and ok.body == b""
     assert [c for c, _ in fake.receipts] == ["call-1"]
 
     # Apple's checks run unchanged: an answer with a JSON body (a DATA frame after HEADERS).
-    wrong_topic = await p.request(push(token, topic="com.other.app.voip"), body("call-2"), 5.0)
+    wrong_topic = await send(p, token, body("call-2"), topic="com.other.app.voip")
     assert wrong_topic.status == 400
     assert orjson.loads(wrong_topic.body) == {"reason": "TopicDisallowed"}
-    assert wrong_topic.headers[b"content-type"] == b"application/json"
+    assert wrong_topic.headers["content-type"] == "application/json"
 
     fake.respond(410, "Unregistered", timestamp_ms=1_700_000_000_000)
-    gone = await p.request(push(token), body("call-3"), 5.0)
+    gone = await send(p, token, body("call-3"))
     assert gone.status == 410
     assert orjson.loads(gone.body) == {"reason": "Unregistered", "timestamp": 1_700_000_000_000}
     assert [c for c, _ in fake.receipts] == ["call-1"]
@@ -97,7 +98,7 @@ async def test_flow_control_keeps_moving_past_the_first_window(lean) -> None:
     fake, pool, token = lean
     p = pool(max_connections=1, streams_per_connection=100)
     answers = await asyncio.gather(
-        *(p.request(push(token), body(f"call-{n}", 5000), 10.0) for n in range(300))
+        *(send(p, token, body(f"call-{n}", 5000), time_limit=10.0) for n in range(300))
     )
     assert [a.status for a in answers] == [200] * 300
     assert sorted(c for c, _ in fake.receipts) == sorted(f"call-{n}" for n in range(300))
@@ -105,19 +106,23 @@ async def test_flow_control_keeps_moving_past_the_first_window(lean) -> None:
 
 
 async def test_ping_is_answered(lean) -> None:
-    _, pool, token = lean
-    p = pool()
-    await p.request(push(token), body("call-1"), 5.0)
-    assert await p.connections[0].ping(2.0)
+    """The client PINGs an idle connection and drops it when the PING goes unanswered: the
+    connection is still the first one after several PING intervals of idleness."""
+    fake, pool, token = lean
+    p = pool(ping_interval=0.1, ping_timeout=0.3)
+    await send(p, token, body("call-1"))
+    await asyncio.sleep(1.0)
+    assert (await send(p, token, body("call-2"))).status == 200
+    assert fake.connections_opened == 1 and fake.pings_received >= 3
 
 
 @pytest.mark.parametrize("how", ["goaway", "drop"])
 async def test_a_push_in_flight_survives_goaway_or_a_dropped_connection(lean, how: str) -> None:
     fake, pool, token = lean
     p = pool()
-    await p.request(push(token), body("call-0"), 5.0)
+    await send(p, token, body("call-0"))
     fake.respond(200, "", delay=0.5)  # held by the fake while the connection goes away
-    pending = asyncio.ensure_future(p.request(push(token), body("call-1"), 5.0))
+    pending = asyncio.ensure_future(send(p, token, body("call-1")))
     await asyncio.sleep(0.2)
     await (fake.goaway() if how == "goaway" else fake.drop_connections())
     if how == "goaway":
@@ -125,9 +130,9 @@ async def test_a_push_in_flight_survives_goaway_or_a_dropped_connection(lean, ho
         # connection, which closes only after it.
         assert (await pending).status == 200
     else:
-        with pytest.raises(Exception, match="connection lost"):
+        with pytest.raises(Http2ConnectionLost, match="failed or lost"):
             await pending
-    again = await p.request(push(token), body("call-2"), 5.0)
+    again = await send(p, token, body("call-2"))
     assert again.status == 200
     assert fake.connections_opened == 2
 

@@ -118,6 +118,7 @@ class FakeAPNs:
     counts: collections.Counter[int] = field(default_factory=collections.Counter)
     receipts: Receipts = field(default_factory=Receipts)
     connections_opened: int = 0
+    pings_received: int = 0  # HTTP/2 PINGs from clients (their keep-alive)
     provider_tokens: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:

@@ -116,6 +116,7 @@ class FakeFCM:
     validate_headers: bool = True
     max_concurrent_streams: int = 100
     connections_opened: int = 0
+    pings_received: int = 0  # HTTP/2 PINGs from clients (their keep-alive)
 
     def __post_init__(self) -> None:
         self.pushes = collections.deque(maxlen=self.capacity)

@@ -1,24 +1,24 @@
 """Lean HTTP/2 server side of the fake providers, for the benchmark (`framing="lean"`).
 
-Why: in the direct benchmark the fake shares the load core with the load generator, and on h2's
-server side it used 58-64 % of that core at half of the 5-device peak (91 % at the peak), most of
-it in h2's frame and stream state machines. Its event loop then ran single callbacks of 8-22 ms
-(one TLS read of a burst of pushes), and the pushes stamped at the end of such a read showed as
-15-30 ms of ringrelay's p99 while ringrelay itself was neither waiting for its core nor busy
-(bench/README.md, "Session 6"). A fake that saturates its core measures itself, not the relay.
+It exists only to make the benchmark's fake cheap enough: in the direct benchmark the fake shares
+the load core with the load generator, and on h2's server side it used 58-64 % of that core at
+half of the 5-device peak (91 % at the peak), most of it in h2's frame and stream state machines.
+Its event loop then ran single callbacks of 8-22 ms (one TLS read of a burst of pushes), and the
+pushes stamped at the end of such a read showed as 15-30 ms of ringrelay's p99 while ringrelay
+itself was neither waiting for its core nor busy (bench/README.md, "Session 6"). A fake that
+saturates its core measures itself, not the relay.
 
 It speaks only what a push client needs (RFC 9113): the client preface, SETTINGS (ours: the
 concurrent-stream limit; windows and frame size at their defaults, as h2's server does), HEADERS
 with CONTINUATION, padding and priority, DATA, flow control both ways, PING, RST_STREAM and
 GOAWAY. Its receive window is replenished as h2's WindowManager does it (a WINDOW_UPDATE once
 half the window has been consumed), so the client sees the same flow control as from the h2
-server. Answers are HPACK-encoded without state (`header_field`); requests are decoded with
-hpack's Decoder. The fakes' own checks (`FakeAPNs.handle`, `FakeFCM.judge`) run unchanged.
+server. Answers are HPACK-encoded without state (`h2frames.header_field`); requests are decoded
+with hpack's Decoder. The fakes' own checks (`FakeAPNs.handle`, `FakeFCM.judge`) run unchanged.
 
 The tests keep the h2 server (`framing="h2"`, the default): an implementation independent of the
-relay's own client is what judges that client. The lean server shares the client's framing code,
-so it is not that check; `tests/test_fake_apns_lean.py` drives it with the relay's client to show
-that it serves the benchmark correctly.
+relay's client (pyreqwest) is what judges that client. `tests/test_fake_apns_lean.py` drives this
+server with the relay's client to show that it serves the benchmark correctly.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import orjson
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from ringrelay.providers.h2client import (
+from ringrelay.fakes.h2frames import (
     ACK,
     CONTINUATION,
     DATA,
@@ -170,6 +170,7 @@ class LeanConnection(asyncio.Protocol):
             self._send_queued()
         elif kind == PING:
             if not flags & ACK:
+                self.fake.pings_received += 1
                 self._out.append(encode_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             self.requests.pop(stream_id, None)

@@ -2,7 +2,7 @@
 
 Two implementations of one small surface, chosen by the fake's `framing`:
 - `H2ServerConnection` (here), on h2's server side: an implementation independent of the relay's
-  own HTTP/2 client, so the tests that use it judge that client;
+  HTTP/2 client (pyreqwest: hyper's h2), so the tests that use it judge that client;
 - `LeanConnection` (h2lean.py): lean framing for the benchmark's load core.
 
 A connection hands each complete request to `on_request(conn, stream_id, headers, body)`, which
@@ -30,6 +30,7 @@ class H2Owner(Protocol):
     """What a server connection needs of the fake that owns it."""
 
     connections_opened: int
+    pings_received: int
     max_concurrent_streams: int
     validate_headers: bool
     _connections: set[Any]
@@ -112,6 +113,8 @@ class H2ServerConnection(asyncio.Protocol):
                     self._answer(event.stream_id, request[0], bytes(request[1]))
             elif isinstance(event, h2.events.StreamReset):
                 self.requests.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.PingReceived):
+                self.fake.pings_received += 1  # h2 has queued the acknowledgement
         self._flush()
 
     def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

@@ -333,9 +333,7 @@ async def _check_fcm(settings: Settings, provider: Any) -> list[Finding]:
     body["validate_only"] = True  # projects.messages.send: check, never deliver
     what = f"validate_only send to project {project}"
     try:
-        resp = await provider.pool.request(
-            provider._headers(authorization), orjson.dumps(body), PROBE_TIMEOUT
-        )
+        resp = await provider.post_message(authorization, orjson.dumps(body), PROBE_TIMEOUT)
     except Exception as exc:  # timeouts and connection errors alike
         out.append(
             Finding(

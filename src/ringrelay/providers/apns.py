@@ -7,7 +7,6 @@ to APNs" and "Handling notification responses from APNs" (../shared/notes/protoc
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ringrelay.models import DeliveryStatus, Platform, PushKind
 from ringrelay.payloads import apns_collapse_id, apns_size_error, encode
-from ringrelay.providers import PushRequest, PushResult, certificate_result, parse_retry_after
-from ringrelay.providers.h2client import (
-    H2CertificateError,
-    H2ConnectionLost,
-    H2Error,
-    H2Pool,
-    header_block,
-    header_field,
+from ringrelay.providers import PushRequest, PushResult, parse_retry_after
+from ringrelay.providers.http2 import (
+    Header,
+    Http2CertificateError,
+    Http2ConnectionLost,
+    Http2Error,
+    Http2Pool,
 )
 
 log = logging.getLogger("ringrelay.apns")
@@ -204,31 +202,18 @@ class ApnsProvider:
         self.description = f"APNs {environment} ({bundle_id} via {self.host}:{self.port})"
         self.timeout = timeout
         self.max_in_flight = max_in_flight
-        ctx = (
-            ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
-        )
-        ctx.set_alpn_protocols(["h2"])
-        self.pool = H2Pool(self.host, self.port, ctx, max_connections=max_connections)
         authority = self.host if self.port == PORT else f"{self.host}:{self.port}"
-        # The header block is assembled from pieces encoded once (pseudo-header fields first).
-        self._pseudo = header_block(
-            [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", authority.encode())]
-        )
-        self._voip = header_block(
-            [
-                (b"apns-push-type", b"voip"),
-                (b"apns-topic", f"{bundle_id}.voip".encode()),
-                (b"apns-priority", b"10"),
-            ]
-        )
-        self._alert = header_block(
-            [
-                (b"apns-push-type", b"alert"),
-                (b"apns-topic", bundle_id.encode()),
-                (b"apns-priority", b"10"),
-            ]
-        )
-        self._authorization = (b"", b"")  # (JWT header, its encoding), re-encoded on renewal
+        self.pool = Http2Pool(f"https://{authority}", ca_file, max_connections=max_connections)
+        self._voip: list[Header] = [
+            ("apns-push-type", "voip", False),
+            ("apns-topic", f"{bundle_id}.voip", False),
+            ("apns-priority", "10", False),
+        ]
+        self._alert: list[Header] = [
+            ("apns-push-type", "alert", False),
+            ("apns-topic", bundle_id, False),
+            ("apns-priority", "10", False),
+        ]
 
     def supports(self, platform: Platform) -> bool:
         return platform is Platform.APNS
@@ -239,35 +224,31 @@ class ApnsProvider:
     async def close(self) -> None:
         await self.pool.close()
 
-    def _headers(self, request: PushRequest, now: float) -> bytes:
+    def _headers(self, request: PushRequest, now: float) -> list[Header]:
         voip = request.registration.push_kind is PushKind.VOIP
-        token = self.token.header(now).encode()
-        if self._authorization[0] != token:
-            self._authorization = (token, header_field(b"authorization", token, sensitive=True))
-        return b"".join(
-            (
-                self._pseudo,
-                # Apple: send :path and authorization as literals never indexed (they vary).
-                header_field(
-                    b":path", b"/3/device/" + request.registration.token.encode(), sensitive=True
-                ),
-                self._authorization[1],
-                self._voip if voip else self._alert,
-                # Never deliver after the phone stopped ringing (0 would mean "once, now or
-                # never").
-                header_field(b"apns-expiration", b"%d" % int(request.expires_at), sensitive=True),
-                header_field(b"apns-id", request.push_id.encode(), sensitive=True),
-                self._collapse(request.content.collapse_id),
-            )
-        )
+        headers = [
+            # Apple: send authorization and the per-push values as literals never indexed.
+            ("authorization", self.token.header(now), True),
+            *(self._voip if voip else self._alert),
+            # Never deliver after the phone stopped ringing (0 would mean "once, now or never").
+            ("apns-expiration", str(int(request.expires_at)), True),
+            ("apns-id", request.push_id, True),
+        ]
+        collapse_id = request.content.collapse_id
+        if collapse_id is not None:
+            headers.append(("apns-collapse-id", apns_collapse_id(collapse_id), True))
+        return headers
 
-    @staticmethod
-    def _collapse(collapse_id: str | None) -> bytes:
-        if collapse_id is None:
-            return b""
-        return header_field(
-            b"apns-collapse-id", apns_collapse_id(collapse_id).encode(), sensitive=True
+    def _certificate_failure(self, exc: Http2CertificateError) -> PushResult:
+        """The endpoint's certificate did not verify: our configuration, settled at once."""
+        result = PushResult(
+            DeliveryStatus.CONFIG_ERROR,
+            f"TLS certificate of APNs ({exc.where}) not trusted ({exc.error.verify_message}): "
+            f"check the endpoint, or trust the CA that signed it with ca_file in the [[apns]] "
+            f"app {self.app_id}",
         )
+        log.error("APNs app %s: %s", self.app_id, result.reason)
+        return result
 
     async def send(self, request: PushRequest) -> PushResult:
         voip = request.registration.push_kind is PushKind.VOIP
@@ -275,38 +256,37 @@ class ApnsProvider:
         too_large = apns_size_error(body, voip)
         if too_large is not None:
             return PushResult(DeliveryStatus.REJECTED, too_large)
+        path = "/3/device/" + request.registration.token
         renewed = False
         while True:
             now = time.time()
             try:
                 response = await self.pool.request(
-                    self._headers(request, now), body, min(self.timeout, request.timeout)
+                    "POST",
+                    path,
+                    self._headers(request, now),
+                    body,
+                    min(self.timeout, request.timeout),
                 )
             except TimeoutError:
                 return PushResult(DeliveryStatus.TRANSIENT, "timeout")
-            except H2CertificateError as exc:
-                result = certificate_result(
-                    f"APNs ({exc.where})", exc.error, f"ca_file in the [[apns]] app {self.app_id}"
-                )
-                log.error("APNs app %s: %s", self.app_id, result.reason)
-                return result
-            except H2ConnectionLost as exc:
+            except Http2CertificateError as exc:
+                return self._certificate_failure(exc)
+            except Http2ConnectionLost as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, str(exc))
-            except H2Error as exc:
+            except Http2Error as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, f"HTTP/2 error: {exc}")
-            apns_id = response.headers.get(b"apns-id", b"").decode() or request.push_id
+            apns_id = response.headers.get("apns-id") or request.push_id
             result, timestamp = classify(response.status, response.body, apns_id)
             if result.reason.endswith("ExpiredProviderToken") and not renewed:
                 renewed = True
                 if self.token.renew_if_allowed(time.time()):
                     continue  # once, with a fresh token
                 result.reason += " (token is under 20 minutes old: check this server's clock)"
-            if result.reason.endswith(_NEW_CONNECTION_REASONS) and response.connection:
-                response.connection.retire()  # the retry goes out on a fresh connection
+            if result.reason.endswith(_NEW_CONNECTION_REASONS):
+                response.lane.retire()  # the retry goes out on a fresh connection
             if result.status is DeliveryStatus.TRANSIENT:
-                result.retry_after = parse_retry_after(
-                    response.headers.get(b"retry-after", b"").decode() or None
-                )
+                result.retry_after = parse_retry_after(response.headers.get("retry-after"))
             result.removed_after = timestamp
             if result.status is DeliveryStatus.CONFIG_ERROR:
                 log.error("APNs app %s: %s", self.app_id, result.reason)

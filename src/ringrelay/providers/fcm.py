@@ -3,7 +3,7 @@
 Endpoint, body and error model from firebase.google.com/docs/reference/fcm/rest/v1/projects.messages
 and /docs/reference/fcm/rest/v1/ErrorCode (../shared/notes/protocols.md §4).
 
-Over HTTP/2 (`h2client.py`, the APNs client), as Google's front ends offer it and as FCM senders
+Over HTTP/2 (`http2.py`, the APNs client), as Google's front ends offer it and as FCM senders
 use it for volume (e.g. firebase-php 7.10, "FCM Messages are now sent ... with HTTP/2"): FCM v1
 takes one message per request, so many concurrent requests share a few connections instead of
 one connection each. Measured on this project's machine: relay CPU at 2,000 events/s 70-78 %
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from datetime import UTC
 from pathlib import Path
@@ -37,13 +36,12 @@ from ringrelay.providers import (
     certificate_result,
     parse_retry_after,
 )
-from ringrelay.providers.h2client import (
-    H2CertificateError,
-    H2ConnectionLost,
-    H2Error,
-    H2Pool,
-    header_block,
-    header_field,
+from ringrelay.providers.http2 import (
+    Http2Answer,
+    Http2CertificateError,
+    Http2ConnectionLost,
+    Http2Error,
+    Http2Pool,
 )
 
 log = logging.getLogger("ringrelay.fcm")
@@ -180,26 +178,13 @@ class FcmProvider:
         origin = urlsplit((endpoint or DEFAULT_ENDPOINT).rstrip("/"))
         if origin.scheme != "https" or not origin.hostname:
             raise ValueError(f"FCM endpoint must be https://host[:port], not {endpoint!r}")
-        port = origin.port or 443
+        _ = origin.port  # a malformed port raises ValueError here, at start-up
         self.description = f"FCM v1 (project {self.project_id} via {origin.netloc})"
         self.token = AccessToken(info, ca_file)
         self.timeout = timeout
         self.max_in_flight = max_in_flight
-        ctx = ssl.create_default_context(cafile=ca_file)
-        ctx.set_alpn_protocols(["h2"])
-        self.pool = H2Pool(origin.hostname, port, ctx, max_connections=max_connections)
-        path = f"/v1/projects/{self.project_id}/messages:send".encode()
-        # Encoded once; only the authorization field changes, with the access token.
-        self._fixed = header_block(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"https"),
-                (b":authority", origin.netloc.encode()),
-                (b":path", path),
-                (b"content-type", b"application/json"),
-            ]
-        )
-        self._authorization = ("", b"")  # (header value, its encoding)
+        self.pool = Http2Pool(f"https://{origin.netloc}", ca_file, max_connections=max_connections)
+        self._path = f"/v1/projects/{self.project_id}/messages:send"
 
     def supports(self, platform: Platform) -> bool:
         return platform is Platform.FCM
@@ -210,11 +195,28 @@ class FcmProvider:
     async def close(self) -> None:
         await self.pool.close()
 
-    def _headers(self, authorization: str) -> bytes:
-        if self._authorization[0] != authorization:
-            field = header_field(b"authorization", authorization.encode(), sensitive=True)
-            self._authorization = (authorization, field)
-        return self._fixed + self._authorization[1]
+    def _certificate_failure(self, exc: Http2CertificateError) -> PushResult:
+        """The endpoint's certificate did not verify: our configuration, settled at once."""
+        result = PushResult(
+            DeliveryStatus.CONFIG_ERROR,
+            f"TLS certificate of FCM ({exc.where}) not trusted ({exc.error.verify_message}): "
+            f"check the endpoint, or trust the CA that signed it with ca_file in the [[fcm]] "
+            f"app {self.app_id}",
+        )
+        log.error("FCM app %s: %s", self.app_id, result.reason)
+        return result
+
+    async def post_message(
+        self, authorization: str, payload: bytes, time_limit: float
+    ) -> Http2Answer:
+        """One messages:send request (the push, or `ringrelay doctor`'s validate_only probe)."""
+        return await self.pool.request(
+            "POST",
+            self._path,
+            (("content-type", "application/json", False), ("authorization", authorization, True)),
+            payload,
+            time_limit,
+        )
 
     async def send(self, request: PushRequest) -> PushResult:
         reg = request.registration
@@ -244,23 +246,19 @@ class FcmProvider:
                     return result
                 return PushResult(DeliveryStatus.TRANSIENT, f"OAuth token endpoint: {exc}")
             try:
-                resp = await self.pool.request(
-                    self._headers(authorization), payload, min(self.timeout, request.timeout)
+                resp = await self.post_message(
+                    authorization, payload, min(self.timeout, request.timeout)
                 )
             except TimeoutError:
                 return PushResult(DeliveryStatus.TRANSIENT, "timeout")
-            except H2CertificateError as exc:
-                result = certificate_result(
-                    f"FCM ({exc.where})", exc.error, f"ca_file in the [[fcm]] app {self.app_id}"
-                )
-                log.error("FCM app %s: %s", self.app_id, result.reason)
-                return result
-            except H2ConnectionLost as exc:
+            except Http2CertificateError as exc:
+                return self._certificate_failure(exc)
+            except Http2ConnectionLost as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, str(exc))
-            except H2Error as exc:
+            except Http2Error as exc:
                 return PushResult(DeliveryStatus.TRANSIENT, f"HTTP/2 error: {exc}")
             status = resp.status
-            retry_after = parse_retry_after(resp.headers.get(b"retry-after", b"").decode() or None)
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
             result = classify(status, resp.body, retry_after)
             # A 401 without an FCM error code is our access token (expired or revoked early):
             # refresh once and resend.
