@@ -127,7 +127,7 @@ def participant_added_event(
 # What each status means, in the words `ringrelay simulate` prints (README, "Event and delivery
 # statuses", says the same).
 EVENT_MEANING: dict[str, str] = {
-    "delivered": "every device accepted the push",
+    "delivered": "every device accepted the push or, once the call stopped, needed none",
     "failed": "settled, but not every device accepted the push; a retry would not change that",
     "pending": "a transient failure remains; answered 503 so that Event Grid retries",
     "expired": "the ring window ended before any push could go out",
