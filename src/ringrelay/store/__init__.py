@@ -10,6 +10,9 @@ from ringrelay.routing.numbers import NumberAssignment
 
 # The record that says a call stopped ringing (events/stop_ringing.py), read on every IncomingCall.
 CALL_STOPPED = "ringrelay.CallStopped"
+# How far back an end event's serverCallId is looked up (through the recent events, not an index
+# of its own: see SQLiteStore.correlation_for_server_call). Covers any call that can still ring.
+SERVER_CALL_LOOKBACK_SECONDS = 3600.0
 
 # Schema step shared by both stores (plain SQL both dialects run): APNs tokens are stored in lower
 # case from now on (registry.normalise_token); older rows may hold one phone's token in two cases,

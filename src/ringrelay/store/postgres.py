@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import socket
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Coroutine
@@ -49,6 +50,7 @@ from ringrelay.routing.numbers import NumberAssignment
 from ringrelay.store import (
     APNS_TOKENS_TO_LOWER_CASE,
     CALL_STOPPED,
+    SERVER_CALL_LOOKBACK_SECONDS,
     ActionClaim,
     ApiKey,
     CallAction,
@@ -174,7 +176,6 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE events ADD COLUMN caller TEXT, ADD COLUMN server_call_id TEXT,
         ADD COLUMN expires_at DOUBLE PRECISION;
-    CREATE INDEX events_server_call ON events (server_call_id) WHERE server_call_id IS NOT NULL;
     """,
     # 4: instance heartbeats, and claims naming their instance (a dead one's claims are free
     # before their lease ends). Rows claimed before this have claimed_by NULL: lease only.
@@ -998,8 +999,12 @@ class PostgresStore:
         return [self._event(r) for r in rows]
 
     async def correlation_for_server_call(self, server_call_id: str) -> str | None:
+        # Through the recent events (events_updated), not an index of its own: see SQLite's.
         value = await self.pool.fetchval(
-            "SELECT correlation_id FROM events WHERE server_call_id = $1 LIMIT 1", server_call_id
+            "SELECT correlation_id FROM events WHERE updated_at > $1 AND server_call_id = $2 "
+            "LIMIT 1",
+            time.time() - SERVER_CALL_LOOKBACK_SECONDS,
+            server_call_id,
         )
         return None if value is None else str(value)
 
