@@ -964,7 +964,7 @@ class SQLiteStore:
     async def record_event(self, event: EventRecord, now: float) -> None:
         await self._group_write(lambda db: self._upsert_event(event, now))
 
-    def _events(self, where: str, *args: object) -> list[EventRecord]:
+    def _events(self, where: str, *args: object, order: str = "received_at") -> list[EventRecord]:
         return [
             EventRecord(
                 event_id=str(r[0]),
@@ -981,10 +981,23 @@ class SQLiteStore:
             for r in self.db.execute(
                 "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
                 f"received_at, caller, server_call_id, expires_at FROM events WHERE {where} "
-                "ORDER BY received_at",
+                f"ORDER BY {order}",
                 args,
             )
         ]
+
+    def _with_deliveries(self, events: list[EventRecord]) -> list[EventRecord]:
+        for ev in events:
+            ev.deliveries = [
+                _outcome(r)
+                for r in self.db.execute(
+                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
+                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
+                    "ORDER BY identity, device_id",
+                    (ev.event_id,),
+                )
+            ]
+        return events
 
     async def call_stops(self, correlation_id: str) -> list[EventRecord]:
         return list(self._stops.get(correlation_id, {}).values())
@@ -1001,19 +1014,7 @@ class SQLiteStore:
         return None if row is None else str(row[0])
 
     async def events_for_call(self, correlation_id: str) -> list[EventRecord]:
-        db = self.db
-        events = self._events("correlation_id = ?", correlation_id)
-        for ev in events:
-            ev.deliveries = [
-                _outcome(r)
-                for r in db.execute(
-                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
-                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
-                    "ORDER BY identity, device_id",
-                    (ev.event_id,),
-                )
-            ]
-        return events
+        return self._with_deliveries(self._events("correlation_id = ?", correlation_id))
 
     # --- call routing -----------------------------------------------------------------------
 
@@ -1137,35 +1138,8 @@ class SQLiteStore:
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
     async def recent_events(self, limit: int, recipient: str | None = None) -> list[EventRecord]:
-        where, args = ("WHERE recipient = ? ", (recipient, limit)) if recipient else ("", (limit,))
-        db = self.db
-        events = [
-            EventRecord(
-                event_id=str(r[0]),
-                event_type=str(r[1]),
-                status=EventStatus(r[2]),
-                reason=str(r[3]),
-                correlation_id=None if r[4] is None else str(r[4]),
-                recipient=None if r[5] is None else str(r[5]),
-                received_at=float(r[6]),
-            )
-            for r in db.execute(
-                "SELECT event_id, event_type, status, reason, correlation_id, recipient, "
-                f"received_at FROM events {where}ORDER BY updated_at DESC LIMIT ?",
-                args,
-            )
-        ]
-        for ev in events:
-            ev.deliveries = [
-                _outcome(r)
-                for r in db.execute(
-                    "SELECT identity, device_id, platform, token_fingerprint, status, reason, "
-                    "attempts, provider, provider_ref FROM deliveries WHERE event_id = ? "
-                    "ORDER BY identity, device_id",
-                    (ev.event_id,),
-                )
-            ]
-        return events
+        where, args = ("recipient = ?", (recipient, limit)) if recipient else ("1", (limit,))
+        return self._with_deliveries(self._events(where, *args, order="updated_at DESC LIMIT ?"))
 
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
