@@ -1,0 +1,238 @@
+"""Instructions per IncomingCall in the relay's process, counted by valgrind's callgrind: a figure
+that does not move with this VM's speed or its neighbours, for before/after comparisons of the
+hot path (issue 14's "within 5 %"), where `relay_bench.py`'s events/s swing by 1.5x between runs.
+
+    python bench/hotpath_instructions.py --src /work/wt/before/src --src src
+
+For each `--src` tree, alternately for `--rounds` rounds: the fake Notification Hubs (TLS, not
+under valgrind) on core 1; `ringrelay serve` of that tree under callgrind with instrumentation off
+on core 0, seeded with 2,000 callees x `--devices`; a warm-up of `--warm-up` events, then
+instrumentation on (`callgrind_control -i on`), `--events` IncomingCall deliveries at
+`--concurrency`, a dump, and instructions (Ir) per event. Every push must reach the hub once.
+
+The count covers everything the process executes in the window (event loop, SQLite, TLS, the
+kernel's share is not counted) while the relay is the bottleneck, so idle timers weigh little.
+Under callgrind the relay runs ~50x slower; group-commit batches and concurrency therefore differ
+from a native run, equally for every tree measured. The ratio is to the first `--src`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def child(a: argparse.Namespace) -> None:
+    """One measurement, run with PYTHONPATH at the tree under test (seeding uses its store)."""
+    sys.path.insert(0, str(HERE))
+    import orjson
+    from relay_bench import (  # type: ignore[import-not-found]
+        HUB,
+        KEY,
+        RawPoster,
+        free_port,
+        make_bodies,
+        pin,
+        receipts,
+        seed,
+        spawn,
+    )
+
+    from ringrelay.fakes.tls import make_test_certificates
+
+    async def go() -> None:
+        pin(1)
+        work = Path(tempfile.mkdtemp(prefix="ringrelay-ir-"))
+        certs = make_test_certificates(work / "tls")
+        hub_port, port = free_port(), free_port()
+        hub = spawn(
+            [sys.executable, str(HERE / "fake_hub.py"), "--port", str(hub_port)]
+            + ["--tls-dir", str(work / "tls"), "--hub", HUB, "--key", KEY],
+            1,
+        )
+        db = work / "registry.db"
+        await seed(db, a.identities, a.devices)
+        out = work / "callgrind.out"
+        conn = (
+            f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
+            f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
+        )
+        # Access logs off on every tree (earlier ones had no flag and logged none).
+        helptext = subprocess.run(
+            [sys.executable, "-m", "ringrelay", "serve", "--help"], capture_output=True, text=True
+        ).stdout
+        quiet = ["--no-access-log"] if "--no-access-log" in helptext else []
+        relay = spawn(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+            + [sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet],
+            0,
+            {
+                "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
+                "RINGRELAY_NH_CONNECTION_STRING": conn,
+                "RINGRELAY_NH_HUB_NAME": HUB,
+                "RINGRELAY_NH_CA_FILE": str(certs.ca_file),
+                "RINGRELAY_LOG_LEVEL": "WARNING",
+                # valgrind's slowdown must not turn into timeouts (28 s is the most allowed)
+                "RINGRELAY_WEBHOOK_DEADLINE_SECONDS": "25",
+            },
+            work / "relay.log",
+        )
+        try:
+            assert hub.stdout is not None
+            if hub.stdout.readline().strip() != "ready":
+                raise RuntimeError("fake hub failed to start")
+            url = f"http://127.0.0.1:{port}/api/events"
+            deadline = time.monotonic() + 600
+            poster = RawPoster(url, a.concurrency)
+            while True:
+                try:
+                    if await poster.post(b"[]") == 200:
+                        break
+                except OSError:
+                    pass
+                if relay.poll() is not None or time.monotonic() > deadline:
+                    log = (work / "relay.log").read_text(errors="replace")
+                    raise RuntimeError(f"relay did not come up:\n{log[-3000:]}")
+                await asyncio.sleep(0.5)
+            bodies = make_bodies(a.warm_up + a.events, a.identities)
+            statuses: dict[int, int] = {}
+
+            async def send(batch: list[tuple[str, bytes]]) -> None:
+                queue = iter(batch)
+
+                async def worker() -> None:
+                    for _, body in queue:
+                        status = await poster.post(body)
+                        statuses[status] = statuses.get(status, 0) + 1
+
+                await asyncio.gather(*(worker() for _ in range(a.concurrency)))
+
+            await send(bodies[: a.warm_up])
+
+            def control(*args: str) -> None:
+                subprocess.run(
+                    ["callgrind_control", *args, str(relay.pid)],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+
+            control("-i", "on")
+            control("-z")
+            started = time.monotonic()
+            await send(bodies[a.warm_up :])
+            seconds = time.monotonic() - started
+            control("-d")
+            control("-i", "off")
+            poster.close()
+            dumps = sorted(work.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
+            text = dumps[-1].read_text(errors="replace")
+            match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+            if match is None:
+                raise RuntimeError(f"no totals in {dumps[-1]}")
+            got = await receipts(f"https://127.0.0.1:{hub_port}", certs.ca_file)
+            calls = [call for call, _ in got]
+            wanted = {c for c, _ in bodies}
+            per_call: dict[str, int] = {}
+            for c in calls:
+                per_call[c] = per_call.get(c, 0) + 1
+            missing = sum(1 for c in wanted if per_call.get(c, 0) < a.devices)
+            duplicated = sum(1 for c in wanted if per_call.get(c, 0) > a.devices)
+            print(
+                orjson.dumps(
+                    {
+                        "ir": int(match.group(1)),
+                        "events": a.events,
+                        "seconds": seconds,
+                        "statuses": {str(k): v for k, v in statuses.items()},
+                        "missing": missing,
+                        "duplicated": duplicated,
+                    }
+                ).decode(),
+                flush=True,
+            )
+        finally:
+            for proc in (relay, hub):
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            shutil.rmtree(work, ignore_errors=True)
+
+    asyncio.run(go())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src", action="append", help="a tree's src/ (repeat; default: src)")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--identities", type=int, default=2_000)
+    parser.add_argument("--events", type=int, default=400)
+    parser.add_argument("--warm-up", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.child:
+        child(a)
+        return 0
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind is not installed (apt install valgrind)", file=sys.stderr)
+        return 2
+    trees = [str(Path(s).resolve()) for s in (a.src or [str(ROOT / "src")])]
+    print(
+        f"callgrind instructions per IncomingCall: {a.devices} device(s) per callee, "
+        f"{a.identities:,} callees, {a.warm_up} warm-up + {a.events} measured events at "
+        f"concurrency {a.concurrency}, {a.rounds} round(s), trees alternating; "
+        f"python {sys.version.split()[0]}",
+        flush=True,
+    )
+    figures: dict[str, list[float]] = {t: [] for t in trees}
+    for round_ in range(1, a.rounds + 1):
+        for tree in trees:
+            args = [sys.executable, __file__, "--child", "--devices", str(a.devices)]
+            args += ["--identities", str(a.identities), "--events", str(a.events)]
+            args += ["--warm-up", str(a.warm_up), "--concurrency", str(a.concurrency)]
+            env = {**os.environ, "PYTHONPATH": tree}
+            done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
+            line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+            if done.returncode != 0 or not line.startswith("{"):
+                print(done.stdout, done.stderr, file=sys.stderr)
+                return 1
+            import json
+
+            r = json.loads(line)
+            per_event = r["ir"] / r["events"]
+            figures[tree].append(per_event)
+            print(
+                f"  round {round_} {tree}: {per_event / 1e6:7.3f} M instructions/event "
+                f"({r['events']} events in {r['seconds']:.1f} s under valgrind; statuses "
+                f"{r['statuses']}, missing {r['missing']}, duplicated {r['duplicated']})",
+                flush=True,
+            )
+            if r["missing"] or r["duplicated"] or set(r["statuses"]) != {"200"}:
+                print("    pushes missing or duplicated, or answers not 200", flush=True)
+                return 1
+    base = statistics.median(figures[trees[0]])
+    for tree in trees:
+        med = statistics.median(figures[tree])
+        spread = f"{min(figures[tree]) / 1e6:.3f}-{max(figures[tree]) / 1e6:.3f}"
+        print(f"{tree}: median {med / 1e6:.3f} M ({spread}) = {med / base:.3f}x the first tree")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
