@@ -58,8 +58,10 @@ def child(a: argparse.Namespace) -> None:
         certs = make_test_certificates(work / "tls")
         hub_port, port = free_port(), free_port()
         hub = spawn(
-            [sys.executable, str(HERE / "fake_hub.py"), "--port", str(hub_port)]
-            + ["--tls-dir", str(work / "tls"), "--hub", HUB, "--key", KEY],
+            [
+                *(sys.executable, str(HERE / "fake_hub.py"), "--port", str(hub_port)),
+                *("--tls-dir", str(work / "tls"), "--hub", HUB, "--key", KEY),
+            ],
             1,
         )
         db = work / "registry.db"
@@ -75,8 +77,11 @@ def child(a: argparse.Namespace) -> None:
         ).stdout
         quiet = ["--no-access-log"] if "--no-access-log" in helptext else []
         relay = spawn(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-            + [sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet],
+            [
+                *("valgrind", "--tool=callgrind", "--instr-atstart=no"),
+                f"--callgrind-out-file={out}",
+                *(sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet),
+            ],
             0,
             {
                 "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
@@ -142,6 +147,8 @@ def child(a: argparse.Namespace) -> None:
             match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
             if match is None:
                 raise RuntimeError(f"no totals in {dumps[-1]}")
+            if a.keep_dump:
+                shutil.copy(dumps[-1], a.keep_dump)
             got = await receipts(f"https://127.0.0.1:{hub_port}", certs.ca_file)
             calls = [call for call, _ in got]
             wanted = {c for c, _ in bodies}
@@ -184,6 +191,9 @@ def main() -> int:
     parser.add_argument("--warm-up", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--keep-dump", help="copy the last round's callgrind dump here (for callgrind_annotate)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -206,6 +216,8 @@ def main() -> int:
             args = [sys.executable, __file__, "--child", "--devices", str(a.devices)]
             args += ["--identities", str(a.identities), "--events", str(a.events)]
             args += ["--warm-up", str(a.warm_up), "--concurrency", str(a.concurrency)]
+            if a.keep_dump:
+                args += ["--keep-dump", f"{a.keep_dump}.{trees.index(tree)}"]
             env = {**os.environ, "PYTHONPATH": tree}
             done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3600)
             line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""

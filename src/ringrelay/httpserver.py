@@ -35,6 +35,9 @@ log = logging.getLogger("ringrelay.http")
 # The body timer of the protocol fires this long after the application's own body timeout (the
 # webhook and ResponseGuard answer 408 with a reason first; this one is the backstop).
 BODY_TIMEOUT_GRACE_SECONDS = 1.0
+# Set in a request's ASGI scope once its whole body has been received.
+BODY_RECEIVED = "ringrelay.body_received"
+
 # File descriptors kept for everything but client connections: the listening socket, the event
 # loop, the store, log files, and outgoing provider connections (added from the settings).
 RESERVED_FILES = 64
@@ -239,6 +242,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        # Said in the request's scope (a per-request dict), so that the application need not
+        # time a body that is already here: usually the whole request came in one read.
+        self.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
         self._body_pending = False
         self._stop_timer()
         self.receiving.pop(self, None)

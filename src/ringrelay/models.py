@@ -122,3 +122,16 @@ class EventRecord:
     caller: str | None = None
     server_call_id: str | None = None
     expires_at: float | None = None
+
+
+# Ids are stored as text, and PostgreSQL's cannot hold U+0000: a record holding one would fail on
+# every retry. No Event Grid id or type, ACS raw id or correlation id has a control character.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control_character(text: str) -> bool:
+    """True when `text` holds an ASCII control character. Printable ASCII (every id seen) is
+    settled in C without the regex: this runs several times per event on the hot path."""
+    if text.isascii() and text.isprintable():
+        return False
+    return _CONTROL.search(text) is not None

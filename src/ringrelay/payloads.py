@@ -11,13 +11,13 @@ import base64
 import binascii
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from ringrelay.delivery.plan import PushContent
+from ringrelay.models import has_control_character
 
 # ACSPushNotificationEventType (learn.microsoft.com objectivec/communication-services/calling).
 EVENT_ID_INCOMING_CALL = 107
@@ -163,11 +163,6 @@ def extract_cc(incoming_call_context: object) -> str:
     return cc
 
 
-# Ids are stored as text, and PostgreSQL's cannot hold U+0000: the event's record would fail on
-# every retry. No ACS raw id or correlation id has a control character.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _raw_id(data: dict[str, Any], key: str) -> tuple[str, str]:
     ident = data.get(key)
     if not isinstance(ident, dict):
@@ -175,7 +170,7 @@ def _raw_id(data: dict[str, Any], key: str) -> tuple[str, str]:
     raw_id = ident.get("rawId")
     if not isinstance(raw_id, str) or not raw_id:
         raise PayloadError(f"data.{key}.rawId: missing or empty")
-    if _CONTROL.search(raw_id):
+    if has_control_character(raw_id):
         raise PayloadError(f"data.{key}.rawId: contains a control character")
     kind = ident.get("kind")
     return raw_id, kind if isinstance(kind, str) else ""
@@ -190,7 +185,7 @@ def call_push_from_incoming_call(data: object) -> CallPush:
     correlation_id = data.get("correlationId")
     if not isinstance(correlation_id, str) or not correlation_id:
         raise PayloadError("data.correlationId: missing or empty")
-    if _CONTROL.search(correlation_id):
+    if has_control_character(correlation_id):
         raise PayloadError("data.correlationId: contains a control character")
     display_name = data.get("callerDisplayName")
     if display_name is not None and not isinstance(display_name, str):

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from ringrelay.delivery.dispatcher import EventReport
 from ringrelay.events.ingest import Event, IngestError, parse_delivery, validation_code
+from ringrelay.httpserver import BODY_RECEIVED
 from ringrelay.models import EventStatus
 from ringrelay.relay import Relay
 
@@ -82,8 +83,11 @@ async def events_endpoint(request: Request) -> Response:
     received_at = time.time()
     settings = relay.settings
     try:
-        async with asyncio.timeout(settings.body_timeout_seconds):
+        if request.scope.get(BODY_RECEIVED):  # all here already: nothing to time
             body = await read_body(request, settings.max_body_bytes)
+        else:
+            async with asyncio.timeout(settings.body_timeout_seconds):
+                body = await read_body(request, settings.max_body_bytes)
         events = parse_delivery(
             body, request.headers.get("content-type", ""), settings.max_events_per_delivery
         )

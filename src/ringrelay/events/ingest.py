@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
+
+from ringrelay.models import has_control_character
 
 VALIDATION_EVENT = "Microsoft.EventGrid.SubscriptionValidationEvent"
 INCOMING_CALL = "Microsoft.Communication.IncomingCall"
@@ -55,9 +56,6 @@ def parse_time(value: object) -> float | None:
     return parsed.timestamp()
 
 
-# Ids and types are stored as text, and PostgreSQL's cannot hold U+0000 (the event's record would
-# fail, and so every retry of it); no Event Grid id or type has a control character.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_ID_CHARS = 512
 MAX_TYPE_CHARS = 256
 
@@ -65,7 +63,7 @@ MAX_TYPE_CHARS = 256
 def _text(value: object, limit: int) -> str | None:
     """`value` if it is a usable id or type: a non-empty string, at most `limit` characters,
     without control characters."""
-    if isinstance(value, str) and 0 < len(value) <= limit and not _CONTROL.search(value):
+    if isinstance(value, str) and 0 < len(value) <= limit and not has_control_character(value):
         return value
     return None
 
