@@ -160,3 +160,36 @@ def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     }
     assert len(used) >= 12
     assert used <= names, used - names
+
+
+def test_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
+    """The hot path's lock-free counters and histograms against prometheus_client's Counter and
+    Histogram, an independent implementation, fed the same values: bucket edges included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from ringrelay.metrics import ATTEMPT_BUCKETS, LoopCounter, LoopHistogram
+
+    values = [0.0, 0.001, 0.0010001, 0.0025, 0.003, 0.5, 1, 4.99, 5, 5.01, 120.0]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    loop_h = LoopHistogram("t_seconds", "doc", ["p"], buckets=ATTEMPT_BUCKETS, registry=ours)
+    prom_h = Histogram("t_seconds", "doc", ["p"], buckets=ATTEMPT_BUCKETS, registry=theirs)
+    loop_c = LoopCounter("t_things", "doc", ["a", "b"], registry=ours)
+    prom_c = Counter("t_things", "doc", ["a", "b"], registry=theirs)
+    for n, v in enumerate(values):
+        for h in (loop_h, prom_h):
+            h.labels("apns" if n % 2 else "fcm").observe(v)
+        for c in (loop_c, prom_c):
+            c.labels("x", str(n % 3)).inc(v)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[Any, ...], float]]:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+    with pytest.raises(ValueError):
+        loop_c.labels("only one")
