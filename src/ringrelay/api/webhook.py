@@ -170,15 +170,16 @@ async def _handle_each(relay: Relay, events: list[Event], received_at: float) ->
         try:
             return await handle(event, received_at, deadline)
         except Exception as exc:
-            # The store or something of ours failed: Event Grid must retry, so never 4xx here.
             failures.append((event.id, exc))
-            return EventReport(
-                event.id, event.type, EventStatus.PENDING, "temporarily unable to handle; retry"
-            )
+            return _pending(event)
 
     try:
-        if len(events) == 1:  # Event Grid's default: no batching; skip the task machinery
-            return [await one(events[0])]
+        if len(events) == 1:  # Event Grid's default: no batching; no task, no extra coroutine
+            try:
+                return [await handle(events[0], received_at, deadline)]
+            except Exception as exc:
+                failures.append((events[0].id, exc))
+                return [_pending(events[0])]
         return await _work_through(events, one)
     finally:
         if failures:  # one traceback per delivery, not per event (a store outage is one cause)
@@ -190,6 +191,13 @@ async def _handle_each(relay: Relay, events: list[Event], received_at: float) ->
                 first_id,
                 exc_info=first,
             )
+
+
+def _pending(event: Event) -> EventReport:
+    # The store or something of ours failed: Event Grid must retry, so never 4xx here.
+    return EventReport(
+        event.id, event.type, EventStatus.PENDING, "temporarily unable to handle; retry"
+    )
 
 
 async def _work_through(

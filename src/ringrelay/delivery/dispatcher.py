@@ -100,6 +100,16 @@ class InFlightLimit:
         self.count = 0
 
 
+class _InFlight:
+    """Plans of one call being pushed in this process; `done` is set when the last ends."""
+
+    __slots__ = ("count", "done")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done: asyncio.Future[None] | None = None
+
+
 class Dispatcher:
     """Executes what the event kinds decide: claims in the ledger, every device at once, retries
     inside the plan's window and the webhook's deadline, outcomes recorded, dead tokens pruned."""
@@ -125,7 +135,7 @@ class Dispatcher:
         # for the first instead of racing it.
         self._inflight: dict[str, asyncio.Future[EventReport]] = {}
         # Plans being pushed now, by call: a stop of the call waits for them.
-        self._pushing: dict[str, list[asyncio.Future[None]]] = {}
+        self._pushing: dict[str, _InFlight] = {}
         self._limits: dict[int, InFlightLimit] = {
             id(p): InFlightLimit(p.max_in_flight) for p in router.providers()
         }
@@ -136,41 +146,40 @@ class Dispatcher:
         )
 
     def _pushes_of(self, call_id: str) -> list[Awaitable[object]]:
-        return list(self._pushing.get(call_id, ()))
+        flight = self._pushing.get(call_id)
+        if flight is None:
+            return []
+        if flight.done is None:  # made only when a stop waits: a ring alone needs none
+            flight.done = asyncio.get_running_loop().create_future()
+        return [flight.done]
 
     async def handle(self, event: Event, received_at: float, deadline: float) -> EventReport:
         kind = None if event.error else self.kinds.get(event.type)
         if event.error:
             report = EventReport(event.id, event.type, EventStatus.REJECTED, event.error)
             await self._record(report, received_at)
-        elif kind is not None:
-            report = await self._single_flight(event, kind, received_at, deadline)
-        else:
+        elif kind is None:
             report = EventReport(
                 event.id, event.type, EventStatus.IGNORED, "event type not handled"
             )
+        elif (running := self._inflight.get(event.id)) is not None:
+            report = await asyncio.shield(running)
+        else:
+            # Single flight: the first handles the event, duplicates wait for its report.
+            future: asyncio.Future[EventReport] = asyncio.get_running_loop().create_future()
+            self._inflight[event.id] = future
+            try:
+                decision = await kind.decide(event, self.context(received_at, deadline))
+                report = await self.execute(decision, received_at, deadline)
+                future.set_result(report)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: waiters re-raise, nobody else needs to
+                raise
+            finally:
+                del self._inflight[event.id]
         self.metrics.event(_type_label(event.type), report.status.value)
         return report
-
-    async def _single_flight(
-        self, event: Event, kind: EventKind, received_at: float, deadline: float
-    ) -> EventReport:
-        running = self._inflight.get(event.id)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[EventReport] = asyncio.get_running_loop().create_future()
-        self._inflight[event.id] = future
-        try:
-            decision = await kind.decide(event, self.context(received_at, deadline))
-            report = await self.execute(decision, received_at, deadline)
-            future.set_result(report)
-            return report
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise, nobody else needs to
-            raise
-        finally:
-            del self._inflight[event.id]
 
     async def execute(self, decision: Decision, received_at: float, deadline: float) -> EventReport:
         """Push every plan of `decision` (at once) and record the event with their outcome."""
@@ -189,12 +198,25 @@ class Dispatcher:
             if record.status is not EventStatus.IGNORED:
                 log.info("event %s %s: %s", record.event_id, record.status.value, record.reason)
             return report
-        if len(plans) == 1:  # the common case: no task of its own
-            results = [await self._execute_tracked(plans[0], deadline)]
-        else:
-            results = list(
-                await asyncio.gather(*(self._execute_tracked(p, deadline) for p in plans))
-            )
+        # Plans of a call under way: a stop of the call waits for them (`_pushes_of`).
+        calls = [p.record.correlation_id for p in plans if p.record.correlation_id is not None]
+        for call_id in calls:
+            self._pushing.setdefault(call_id, _InFlight()).count += 1
+        try:
+            if len(plans) == 1:  # the common case: no task of its own
+                results = [await self._execute_plan(plans[0], deadline)]
+            else:
+                results = list(
+                    await asyncio.gather(*(self._execute_plan(p, deadline) for p in plans))
+                )
+        finally:
+            for call_id in calls:
+                flight = self._pushing[call_id]
+                flight.count -= 1
+                if not flight.count:
+                    del self._pushing[call_id]
+                    if flight.done is not None:
+                        flight.done.set_result(None)
         pending = False
         for outcomes, busy in results:
             report.deliveries += outcomes
@@ -208,23 +230,6 @@ class Dispatcher:
         record.status, record.reason = report.status, report.reason or record.reason
         await self._record_event(record, time.time())
         return report
-
-    async def _execute_tracked(
-        self, plan: PushPlan, deadline: float
-    ) -> tuple[list[DeliveryOutcome], bool]:
-        call_id = plan.record.correlation_id
-        if call_id is None:
-            return await self._execute_plan(plan, deadline)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pushing.setdefault(call_id, []).append(done)
-        try:
-            return await self._execute_plan(plan, deadline)
-        finally:
-            done.set_result(None)
-            running = self._pushing[call_id]
-            running.remove(done)
-            if not running:
-                del self._pushing[call_id]
 
     async def _record(self, report: EventReport, now: float) -> None:
         await self._record_event(
@@ -464,7 +469,19 @@ class Dispatcher:
             )
 
 
+_ONE_OUTCOME = {
+    DeliveryStatus.ACCEPTED: EventStatus.DELIVERED,
+    DeliveryStatus.CANCELLED: EventStatus.CANCELLED,
+    DeliveryStatus.EXPIRED: EventStatus.EXPIRED,
+}
+
+
 def _event_status(outcomes: list[DeliveryOutcome], busy: bool) -> EventStatus:
+    if len(outcomes) == 1 and not busy:  # one device: what the loops below would say
+        status = outcomes[0].status
+        if not status.settled:
+            return EventStatus.PENDING
+        return _ONE_OUTCOME.get(status, EventStatus.FAILED)
     if busy or any(not o.status.settled for o in outcomes):
         return EventStatus.PENDING
     if all(o.status in (DeliveryStatus.ACCEPTED, DeliveryStatus.CANCELLED) for o in outcomes):
