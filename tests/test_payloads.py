@@ -120,6 +120,10 @@ def test_extract_cc(context: str, expected: str) -> None:
         (context_with({"shrToken": "x"}), "no 'cc' claim"),
         (context_with({"cc": ""}), "no 'cc' claim"),
         (context_with({"cc": "not base64 at all!"}), "'cc' claim is not base64"),
+        (context_with({"cc": "QUJ"}), "'cc' claim is not base64"),  # padding missing
+        (context_with({"cc": "QU=J"}), "'cc' claim is not base64"),  # padding inside
+        (context_with({"cc": "QUJD\n"}), "'cc' claim is not base64"),
+        (context_with({"cc": "QUJDé==="}), "'cc' claim is not base64"),
         # The docs' own example is corrupted mid-payload (fixtures README): rejected, not a crash.
         (DOCS_DELIVERY[0]["data"]["incomingCallContext"], "data.incomingCallContext"),
         ("{incoming-call-contextValue}", "found no '.'"),

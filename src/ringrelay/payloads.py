@@ -7,7 +7,6 @@ library's `CallCompositePushNotification` javadoc (../shared/notes/acs-payloads.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import math
@@ -127,12 +126,15 @@ def stop_ringing_push(record_call_id: str, recipient_id: str, caller_id: str) ->
 
 def _b64url_decode(segment: str, field: str) -> bytes:
     # Accept base64url as sent and the standard alphabet that some producers use; restore padding.
-    cleaned = segment.strip().rstrip("=").replace("+", "-").replace("/", "_")
+    # binascii's strict mode checks the alphabet and the padding in C, in the pass that decodes:
+    # base64.b64decode(validate=True) ran a regex over the segment and translated its bytes first
+    # (~4 % of an IncomingCall's instructions with the context's two segments).
+    cleaned = segment.strip().rstrip("=").replace("-", "+").replace("_", "/")
     if not cleaned:
         raise PayloadError(f"{field}: empty segment")
     padded = cleaned + "=" * (-len(cleaned) % 4)
     try:
-        return base64.b64decode(padded, altchars=b"-_", validate=True)
+        return binascii.a2b_base64(padded, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise PayloadError(f"{field}: not base64url ({exc})") from None
 
@@ -157,7 +159,7 @@ def extract_cc(incoming_call_context: object) -> str:
         raise PayloadError(f"{field}: no 'cc' claim")
     try:
         # The SDK base64-decodes cc; refuse a value it would choke on (as the sample does).
-        base64.b64decode(cc, validate=True)
+        binascii.a2b_base64(cc, strict_mode=True)
     except (binascii.Error, ValueError):
         raise PayloadError(f"{field}: 'cc' claim is not base64") from None
     return cc
