@@ -166,3 +166,16 @@ def test_call_log_keeps_the_newest_events_only() -> None:
     latencies = sorted(log.first_push_latencies())
     assert [at for at, _ in latencies] == [2.1, 3.1, 4.1]
     assert all(abs(seconds - 0.6) < 1e-9 for _, seconds in latencies)
+
+
+def test_push_ids_are_canonical_random_uuids() -> None:
+    import uuid
+
+    from ringrelay.delivery.dispatcher import new_push_id
+
+    ids = [new_push_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
