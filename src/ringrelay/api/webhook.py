@@ -19,7 +19,13 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ringrelay.delivery.dispatcher import EventReport
-from ringrelay.events.ingest import Event, IngestError, parse_delivery, validation_code
+from ringrelay.events.ingest import (
+    VALIDATION_EVENT,
+    Event,
+    IngestError,
+    parse_delivery,
+    validation_code,
+)
 from ringrelay.httpserver import BODY_RECEIVED
 from ringrelay.models import EventStatus
 from ringrelay.relay import Relay
@@ -109,6 +115,8 @@ async def events_endpoint(request: Request) -> Response:
     code: str | None = None
     validations: dict[int, EventReport] = {}
     for index, event in enumerate(events):
+        if event.type != VALIDATION_EVENT:  # the common case, without a call
+            continue
         event_code = validation_code(event)
         if event_code is not None:
             code = code or event_code
@@ -137,11 +145,14 @@ async def events_endpoint(request: Request) -> Response:
         )
     relay.webhook_in_progress += 1
     try:
-        others = [ev for i, ev in enumerate(events) if i not in validations]
-        handled = iter(await _handle_each(relay, others, received_at))
+        if not validations:
+            reports = await _handle_each(relay, events, received_at)
+        else:
+            others = [ev for i, ev in enumerate(events) if i not in validations]
+            handled = iter(await _handle_each(relay, others, received_at))
+            reports = [validations.get(i) or next(handled) for i in range(len(events))]
     finally:
         relay.webhook_in_progress -= 1
-    reports = [validations.get(i) or next(handled) for i in range(len(events))]
 
     pending = any(r.status is EventStatus.PENDING for r in reports)
     status = 503 if pending else 200

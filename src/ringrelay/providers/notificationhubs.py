@@ -214,9 +214,11 @@ class NotificationHubsProvider:
         except ValueError as exc:  # a header value with a line break: never sent
             return PushResult(DeliveryStatus.REJECTED, str(exc))
         status = resp.status
+        ref = _notification_id(resp.headers.get("location")) or resp.headers.get("trackingid")
+        if status in (200, 201):  # the common case: nothing else to read
+            return PushResult(DeliveryStatus.ACCEPTED, http_status=status, provider_ref=ref)
         text = resp.body[:200].decode(errors="replace") if status >= 300 else ""
         retry_after = parse_retry_after(resp.headers.get("retry-after"))
-        ref = _notification_id(resp.headers.get("location")) or resp.headers.get("trackingid")
         return classify(status, text, retry_after, ref)
 
 
