@@ -187,7 +187,7 @@ class Dispatcher:
                 raise
             finally:
                 del self._inflight[event.id]
-        self.metrics.event(_type_label(event.type), report.status.value)
+        self.metrics.event(_type_label(event.type), report.status)
         return report
 
     async def execute(self, decision: Decision, received_at: float, deadline: float) -> EventReport:
@@ -321,7 +321,7 @@ class Dispatcher:
             if accepted_at is not None and plan.started_at is not None:
                 self.metrics.first_push(plan.started_at, record.received_at, accepted_at)
         for outcome in outcomes:
-            self.metrics.push_outcome(outcome.provider, outcome.platform.value, outcome.status)
+            self.metrics.push_outcome(outcome.provider, outcome.platform, outcome.status)
 
         await self._settle(record, outcomes, deadline)
         return [*outcomes, *claim.settled, *claim.busy, *plan.waiting], busy
@@ -409,8 +409,8 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             self.metrics.push_attempt(
                 provider.name,
-                reg.platform.value,
-                result.status.value,
+                reg.platform,
+                result.status,
                 elapsed,
                 reason_label(result.reason, result.http_status),
                 attempts > 1,

@@ -84,7 +84,8 @@ class CallLog:
         delivery_count: int | None,
         event_time: float | None = None,
     ) -> None:
-        self._entry(event_id).receipts.append((received_at, delivery_count, event_time))
+        entry = self._events.get(event_id) or self._entry(event_id)  # no call when known
+        entry.receipts.append((received_at, delivery_count, event_time))
 
     def attempt(
         self,
@@ -98,7 +99,7 @@ class CallLog:
     ) -> None:
         """On the push path: keeps references (each result is built per attempt and never
         changed after), turned into `Attempt`s only when a trace is read."""
-        entry = self._entry(event_id)
+        entry = self._events.get(event_id) or self._entry(event_id)
         if len(entry.attempts) < self.max_attempts:
             entry.attempts.append((reg, number, provider, result, seconds, at))
         if result.status is DeliveryStatus.ACCEPTED and entry.accepted_at is None:
