@@ -63,8 +63,9 @@ MAX_TYPE_CHARS = 256
 def _text(value: object, limit: int) -> str | None:
     """`value` if it is a usable id or type: a non-empty string, at most `limit` characters,
     without control characters."""
-    if isinstance(value, str) and 0 < len(value) <= limit and not has_control_character(value):
-        return value
+    if isinstance(value, str) and 0 < len(value) <= limit:
+        if (value.isascii() and value.isprintable()) or not has_control_character(value):
+            return value  # printable ASCII settled inline: twice per event
     return None
 
 

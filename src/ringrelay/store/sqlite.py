@@ -229,20 +229,28 @@ _REG_COLUMNS = (
 _REG_PLACEHOLDERS = ", ".join("?" * len(_REG_COLUMNS.split(",")))
 
 
+# Text -> enum member by a dict look-up: calling an Enum class runs its Python-level __call__
+# (three per registration read, every push). A value not in them falls back to the call, which
+# raises as before.
+_PLATFORMS: dict[Any, Platform] = {m.value: m for m in Platform}
+_PUSH_KINDS: dict[Any, PushKind] = {m.value: m for m in PushKind}
+_CHAT_FORMATS: dict[Any, ChatFormat] = {m.value: m for m in ChatFormat}
+
+
 def _registration(row: tuple[Any, ...]) -> Registration:
     identity, device_id, platform, token, kind, app_id, created, updated, expires = row[:9]
     chat_format, chat_key = row[9], row[10]
     return Registration(
         identity=str(identity),
         device_id=str(device_id),
-        platform=Platform(platform),
+        platform=_PLATFORMS.get(platform) or Platform(platform),
         token=str(token),
-        push_kind=PushKind(kind),
+        push_kind=_PUSH_KINDS.get(kind) or PushKind(kind),
         app_id=None if app_id is None else str(app_id),
         created_at=float(created),
         updated_at=float(updated),
         expires_at=float(expires),
-        chat_format=ChatFormat(chat_format),
+        chat_format=_CHAT_FORMATS.get(chat_format) or ChatFormat(chat_format),
         chat_key=None if chat_key is None else str(chat_key),
     )
 
@@ -798,7 +806,7 @@ class SQLiteStore:
         rows = self.db.execute(
             f"SELECT {_REG_COLUMNS} FROM registrations "
             "WHERE identity = ? AND push_kind = ? AND expires_at > ?",
-            (identity, kind.value, now),
+            (identity, kind, now),  # a StrEnum binds as its text
         ).fetchall()
         return [_registration(r) for r in rows]
 
@@ -863,7 +871,7 @@ class SQLiteStore:
             (
                 event.event_id,
                 event.event_type,
-                event.status.value,
+                event.status,  # StrEnums bind as their text, without Enum's .value descriptor
                 event.reason,
                 event.correlation_id,
                 event.recipient,
@@ -929,9 +937,9 @@ class SQLiteStore:
                 event.event_id,
                 o.identity,
                 o.device_id,
-                o.platform.value,
+                o.platform,
                 o.token_fingerprint,
-                o.status.value,
+                o.status,
                 o.reason,
                 o.attempts,
                 o.provider,
