@@ -258,6 +258,9 @@ class Metrics:
         self._relay_collector = _RelayCollector()
         r.register(self._relay_collector)
         self._attempt_children: dict[tuple[str, ...], tuple[_Count, _Buckets]] = {}
+        self._outcome_children: dict[tuple[str, ...], _Count] = {}
+        self._event_children: dict[tuple[str, ...], _Count] = {}
+        self._delivery_children: dict[int, _Count] = {}
         self._since_event = self.event_to_push.labels("event_time")
         self._since_receipt = self.event_to_push.labels("receipt")
         self._counted: set[tuple[str, str]] = set()
@@ -291,7 +294,11 @@ class Metrics:
             self.retries.labels(provider).inc()
 
     def push_outcome(self, provider: str, platform: str, status: str) -> None:
-        self.outcomes.labels(provider or "none", platform, status).value += 1
+        key = (provider or "none", platform, status)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.outcomes.labels(*key)
+        child.value += 1
 
     def first_push(self, event_time: float | None, received_at: float, accepted_at: float) -> None:
         if event_time is not None:
@@ -299,7 +306,18 @@ class Metrics:
         self._since_receipt.observe(max(0.0, accepted_at - received_at))
 
     def event(self, event_type: str, status: str) -> None:
-        self.events.labels(event_type, status).value += 1
+        key = (event_type, status)
+        child = self._event_children.get(key)
+        if child is None:
+            child = self._event_children[key] = self.events.labels(*key)
+        child.value += 1
+
+    def delivery(self, status: int) -> None:
+        """A webhook delivery answered with HTTP `status`."""
+        child = self._delivery_children.get(status)
+        if child is None:
+            child = self._delivery_children[status] = self.deliveries.labels(str(status))
+        child.value += 1
 
     def watch(self, source: Callable[[], Iterable[Metric]]) -> None:
         """Gauges read at scrape time from the running service (in-flight pushes, credential

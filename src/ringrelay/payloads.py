@@ -172,7 +172,7 @@ def _raw_id(data: dict[str, Any], key: str) -> tuple[str, str]:
     raw_id = ident.get("rawId")
     if not isinstance(raw_id, str) or not raw_id:
         raise PayloadError(f"data.{key}.rawId: missing or empty")
-    if has_control_character(raw_id):
+    if not (raw_id.isascii() and raw_id.isprintable()) and has_control_character(raw_id):
         raise PayloadError(f"data.{key}.rawId: contains a control character")
     kind = ident.get("kind")
     return raw_id, kind if isinstance(kind, str) else ""
@@ -187,7 +187,9 @@ def call_push_from_incoming_call(data: object) -> CallPush:
     correlation_id = data.get("correlationId")
     if not isinstance(correlation_id, str) or not correlation_id:
         raise PayloadError("data.correlationId: missing or empty")
-    if has_control_character(correlation_id):
+    if not (correlation_id.isascii() and correlation_id.isprintable()) and has_control_character(
+        correlation_id
+    ):
         raise PayloadError("data.correlationId: contains a control character")
     display_name = data.get("callerDisplayName")
     if display_name is not None and not isinstance(display_name, str):

@@ -64,13 +64,13 @@ async def events_endpoint(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     guard = relay.guard
     if guard.needs_secret and not guard.webhook_secret_ok(request.query_params.get("code")):
-        relay.metrics.deliveries.labels("401").inc()
+        relay.metrics.delivery(401)
         log.warning("webhook delivery refused: missing or wrong 'code' secret")
         return _problem(401, "missing or wrong 'code' query parameter")
     if guard.eventgrid is not None:
         problem = await guard.webhook_token_error(request.headers.get("authorization"))
         if problem is not None:
-            relay.metrics.deliveries.labels("401").inc()
+            relay.metrics.delivery(401)
             log.warning("webhook delivery refused: %s", problem)
             return _problem(401, "unauthenticated")
 
@@ -98,7 +98,7 @@ async def events_endpoint(request: Request) -> Response:
             body, request.headers.get("content-type", ""), settings.max_events_per_delivery
         )
     except TimeoutError:
-        relay.metrics.deliveries.labels("408").inc()
+        relay.metrics.delivery(408)
         log.info("webhook body not received within RINGRELAY_BODY_TIMEOUT_SECONDS")
         return _problem(
             408,
@@ -107,7 +107,7 @@ async def events_endpoint(request: Request) -> Response:
             close=True,
         )
     except IngestError as exc:
-        relay.metrics.deliveries.labels(str(exc.status)).inc()
+        relay.metrics.delivery(exc.status)
         return _problem(exc.status, exc.reason, close=exc.status == 413)
 
     # Event Grid's validation handshake is a delivery of its own; should a validation event come
@@ -126,7 +126,7 @@ async def events_endpoint(request: Request) -> Response:
     if code is not None:
         log.info("Event Grid subscription validation answered")
         if len(validations) == len(events):
-            relay.metrics.deliveries.labels("200").inc()
+            relay.metrics.delivery(200)
             return _JSON({"validationResponse": code})
 
     # For call traces: Event Grid numbers its attempts (0 on the first delivery).
@@ -136,7 +136,7 @@ async def events_endpoint(request: Request) -> Response:
         relay.dispatcher.calls.receipt(ev.id, received_at, delivery_count, ev.time)
 
     if relay.webhook_in_progress >= settings.webhook_max_concurrent:
-        relay.metrics.deliveries.labels("503").inc()
+        relay.metrics.delivery(503)
         relay.metrics.shed.inc()
         return _problem(
             503,
@@ -156,7 +156,7 @@ async def events_endpoint(request: Request) -> Response:
 
     pending = any(r.status is EventStatus.PENDING for r in reports)
     status = 503 if pending else 200
-    relay.metrics.deliveries.labels(str(status)).inc()
+    relay.metrics.delivery(status)
     retry = {"Retry-After": "1"} if pending else None
     answer: dict[str, object] = {"events": [r.as_json() for r in reports]}
     if code is not None:

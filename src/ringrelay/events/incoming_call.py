@@ -96,7 +96,14 @@ class IncomingCall:
                 return True
             return stop_applies(await store.call_stops(call_id), callee) is not None
 
+        # Formatted only for an event already too old on arrival (a float format per event was
+        # measurable); one that expires while being handled says so plainly.
         age = ctx.received_at - started
+        expired_reason = (
+            f"event time is {age:.0f}s old, past the {ctx.ring_window:.0f}s ring window"
+            if ring_ends_at <= ctx.received_at
+            else "the ring window ended before it could be pushed"
+        )
         return Decision(
             record=record,
             plans=[
@@ -109,9 +116,7 @@ class IncomingCall:
                     started_at=started,
                     window="ring window",
                     no_targets_reason="no live VoIP registration for the callee",
-                    expired_reason=(
-                        f"event time is {age:.0f}s old, past the {ctx.ring_window:.0f}s ring window"
-                    ),
+                    expired_reason=expired_reason,
                     cancelled=cancelled,
                 )
             ],
