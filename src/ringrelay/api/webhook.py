@@ -175,6 +175,13 @@ async def _handle_each(relay: Relay, events: list[Event], received_at: float) ->
     retries), never its neighbours' loss."""
     deadline = received_at + relay.settings.webhook_deadline_seconds
     handle = relay.dispatcher.handle
+    if len(events) == 1:  # Event Grid's default: no batching; no task, no closure
+        try:
+            return [await handle(events[0], received_at, deadline)]
+        except Exception as exc:
+            _log_failures([(events[0].id, exc)], 1)
+            return [_pending(events[0])]
+
     failures: list[tuple[str, Exception]] = []
 
     async def one(event: Event) -> EventReport:
@@ -185,23 +192,22 @@ async def _handle_each(relay: Relay, events: list[Event], received_at: float) ->
             return _pending(event)
 
     try:
-        if len(events) == 1:  # Event Grid's default: no batching; no task, no extra coroutine
-            try:
-                return [await handle(events[0], received_at, deadline)]
-            except Exception as exc:
-                failures.append((events[0].id, exc))
-                return [_pending(events[0])]
         return await _work_through(events, one)
     finally:
-        if failures:  # one traceback per delivery, not per event (a store outage is one cause)
-            first_id, first = failures[0]
-            log.error(
-                "%d of %d event(s) could not be handled, answering 503 for a retry; the first, %s:",
-                len(failures),
-                len(events),
-                first_id,
-                exc_info=first,
-            )
+        if failures:
+            _log_failures(failures, len(events))
+
+
+def _log_failures(failures: list[tuple[str, Exception]], events: int) -> None:
+    # One traceback per delivery, not per event (a store outage is one cause).
+    first_id, first = failures[0]
+    log.error(
+        "%d of %d event(s) could not be handled, answering 503 for a retry; the first, %s:",
+        len(failures),
+        events,
+        first_id,
+        exc_info=first,
+    )
 
 
 def _pending(event: Event) -> EventReport:
