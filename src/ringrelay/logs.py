@@ -20,8 +20,15 @@ _fields: ContextVar[dict[str, str] | None] = ContextVar("ringrelay_log_fields", 
 FIELD_NAMES = ("callId", "eventId", "deviceId")
 
 
+# Only the JSON formatter writes the fields: until one is made, binding is skipped (twice per
+# event on the hot path, for lines that would not show them).
+_binding = False
+
+
 def bind(**fields: str | None) -> None:
     """Add fields to every line logged from this task (and the tasks it starts) on."""
+    if not _binding:
+        return
     # On the hot path twice per event: no comprehension unless a value is missing.
     given: dict[str, str] = (
         {k: v for k, v in fields.items() if v is not None} if None in fields.values() else fields  # type: ignore[assignment]
@@ -35,6 +42,11 @@ def bound() -> dict[str, str]:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        global _binding
+        _binding = True
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))

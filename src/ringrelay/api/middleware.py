@@ -47,6 +47,10 @@ _DASHBOARD_CSP = (
 )
 
 
+_API_HEADERS = [*_SECURITY_HEADERS, _CSP]
+_DASHBOARD_HEADERS = [*_SECURITY_HEADERS, _DASHBOARD_CSP]
+
+
 class ResponseGuard:
     """Security headers on every response, and an unhandled error becomes a logged, plain 500
     (no stack trace to the client). Pure ASGI: no per-request task or body copy. The
@@ -67,9 +71,9 @@ class ResponseGuard:
         if path in _DOC_PAGES:
             extra = _SECURITY_HEADERS
         elif path.startswith("/dashboard"):
-            extra = [*_SECURITY_HEADERS, _DASHBOARD_CSP]
+            extra = _DASHBOARD_HEADERS
         else:
-            extra = [*_SECURITY_HEADERS, _CSP]
+            extra = _API_HEADERS
         started = False
 
         async def send_with_headers(message: Message) -> None:
