@@ -132,7 +132,10 @@ async def seed(path: Path, identities: int, devices: int, platform: Platform | N
                     identity=f"8:acs:bench_{n}",
                     device_id=f"dev{d}",
                     platform=Platform.APNS if apns else Platform.FCM,
-                    token=f"{n:016x}{d:016x}" * 2 if apns else f"fcm:{n}:{d}",
+                    # n + 1: callee 0's device 0 would get the all-zero token, which the fake
+                    # APNs refuses as never issued (as Apple; `doctor` probes with it), and the
+                    # bench counted its events' pushes as missing.
+                    token=f"{n + 1:016x}{d:016x}" * 2 if apns else f"fcm:{n}:{d}",
                     push_kind=PushKind.VOIP,
                     app_id=None,
                     created_at=now,
