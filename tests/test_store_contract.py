@@ -131,6 +131,38 @@ async def test_a_token_moves_to_its_newest_registration(store: Store) -> None:
     assert await store.list_registrations("8:acs:r_a", NOW) == []
 
 
+async def test_push_targets_follow_every_registry_change_after_a_read(store: Store) -> None:
+    """Each change made after the identity was read for a push shows in its next push's
+    targets (the SQLite store keeps the identities it pushed to in memory)."""
+
+    async def targets(identity: str = "8:acs:r_a") -> list[str]:
+        return [r.device_id for r in await store.push_targets(identity, PushKind.VOIP, NOW)]
+
+    await store.upsert_registration(reg())
+    assert await targets() == ["d1"]
+    await store.upsert_registration(reg(device="d2", token="cd" * 32))  # a new device
+    assert await targets() == ["d1", "d2"]
+    await store.upsert_registration(reg(device="d2", token="cd" * 32, push_kind=PushKind.ALERT))
+    assert await targets() == ["d1"]  # d2 changed kind
+    assert await store.push_targets("8:acs:r_b", PushKind.VOIP, NOW) == []
+    await store.upsert_registration(reg(identity="8:acs:r_b", token="ab" * 32))  # d1's token
+    assert await targets() == []  # moved to r_b
+    assert await targets("8:acs:r_b") == ["d1"]
+    await store.upsert_registrations([reg(device="d3", token="ef" * 32)])
+    assert await targets() == ["d3"]
+    await store.bulk_insert_registrations([reg(device="d4", token="12" * 32)])
+    assert await targets() == ["d3", "d4"]
+    assert await store.prune_registration(reg(device="d4", token="12" * 32), "Unregistered", NOW)
+    assert await targets() == ["d3"]
+    assert await store.delete_registration("8:acs:r_a", "d3")
+    assert await targets() == []
+    await store.upsert_registration(reg(device="d5", token="34" * 32, expires_at=NOW + 10))
+    assert await targets() == ["d5"]
+    assert await store.push_targets("8:acs:r_a", PushKind.VOIP, NOW + 10) == []  # expired
+    await store.delete_identity("8:acs:r_b")
+    assert await targets("8:acs:r_b") == []
+
+
 async def test_claims_settle_and_retries(store: Store) -> None:
     a, b, c = (
         reg(device="a", token="a1" * 32),
@@ -611,3 +643,38 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at  REAL
 ) WITHOUT ROWID;
 """
+
+
+async def test_sqlite_push_targets_come_from_memory_until_another_process_writes(
+    tmp_path: Any,
+) -> None:
+    """The serving store answers a known callee without a query, and an admin command's
+    write (another connection, as `ringrelay import` beside a running server) empties its
+    memory within EXTERNAL_WRITES_CHECKED_EVERY."""
+    from ringrelay.store import sqlite as sqlite_store
+
+    path = str(tmp_path / "cache.db")
+    serving = SQLiteStore(path)
+    await serving.open()
+    admin = SQLiteStore(path, single_instance=False)
+    await admin.open()
+    try:
+        await serving.upsert_registration(reg())
+        statements: list[str] = []
+        serving.db.set_trace_callback(statements.append)
+        for _ in range(3):
+            assert len(await serving.push_targets("8:acs:r_a", PushKind.VOIP, NOW)) == 1
+        assert [s for s in statements if "registrations" in s] == [statements[1]]  # one read
+        await admin.upsert_registration(reg(device="d2", token="cd" * 32))
+        later = NOW + 2 * sqlite_store.EXTERNAL_WRITES_CHECKED_EVERY
+        got = await serving.push_targets("8:acs:r_a", PushKind.VOIP, later)
+        assert [r.device_id for r in got] == ["d1", "d2"]
+        # The serving store's own ledger writes and checkpoints do not empty it.
+        await serving.settle_deliveries(event(), [outcome(got[0], DeliveryStatus.ACCEPTED)], NOW)
+        await asyncio.sleep(3 * serving.checkpoint_interval)  # the checkpointer passes
+        statements.clear()
+        await serving.push_targets("8:acs:r_a", PushKind.VOIP, later + 1)
+        assert not [s for s in statements if "FROM registrations" in s]
+    finally:
+        await admin.close()
+        await serving.close()

@@ -76,7 +76,9 @@ def is_raw_id(value: str) -> bool:
     return RAW_ID_RE.fullmatch(value) is not None
 
 
-@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
+# Not frozen (frozen init costs ~5x), but never changed once built: the SQLite store shares
+# one object with every push of its identity (store/sqlite.py, push_targets).
+@dataclass(slots=True)
 class Registration:
     identity: str  # ACS rawId of the callee
     device_id: str  # chosen by the app, stable per install
@@ -92,7 +94,9 @@ class Registration:
     chat_key: str | None = None
 
 
-@dataclass(slots=True)  # not frozen: built per push, and frozen init costs ~5x
+# Not frozen (frozen init costs ~5x), but never changed once built: the SQLite store shares
+# one object with every push of its identity (store/sqlite.py, push_targets).
+@dataclass(slots=True)
 class DeliveryOutcome:
     """One device's result for one event, as recorded in the ledger."""
 

@@ -23,6 +23,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +61,14 @@ SCHEMA_VERSION = 6
 STOPS_KEPT_SECONDS = 600.0
 GROUP_COMMIT_WAIT = 0.002  # seconds
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes
+# The registrations of the identities called lately, kept in memory (see push_targets): at most
+# this many identities (~0.5 KB per device), the oldest read forgotten first.
+TARGETS_CACHED = 50_000
+# How often a serving process asks SQLite whether another connection (an admin command sharing
+# the file: `ringrelay import`, ...) committed changes, which empties that cache. Asking on every
+# call cost ~4 us of the ~10 us the cache saves; so a registration written by another process
+# reaches a cached callee's calls within this many seconds.
+EXTERNAL_WRITES_CHECKED_EVERY = 0.05  # seconds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (
@@ -419,6 +428,14 @@ class SQLiteStore:
         # so from memory (one process owns the file, so its own writes are all there is; the
         # recent ones are loaded at open). A query here cost ~4 % of the relay's CPU per call.
         self._stops: dict[str, dict[str, EventRecord]] = {}
+        # Every registration (any kind, expired included) of the identities called lately, read
+        # on every push: a query and its Registration objects per call were ~5 % of the relay's
+        # instructions per IncomingCall. This process makes every change to them itself, and
+        # forgets an identity when it does; another connection's changes empty the lot
+        # (PRAGMA data_version, checked every EXTERNAL_WRITES_CHECKED_EVERY).
+        self._targets: OrderedDict[str, list[Registration]] = OrderedDict()
+        self._data_version: int | None = None
+        self._external_checked_at = 0.0
         self._pending: list[tuple[Callable[[sqlite3.Connection], None], asyncio.Future[None]]] = []
         self._flush_scheduled = False
         self._writes_held = False
@@ -552,6 +569,8 @@ class SQLiteStore:
             raise
 
     def _connect(self) -> None:
+        self._targets.clear()  # another process may have written while this one was closed
+        self._data_version = None
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -612,6 +631,7 @@ class SQLiteStore:
 
     async def upsert_registration(self, reg: Registration) -> tuple[bool, int]:
         with self._write() as db:
+            self._targets.pop(reg.identity, None)
             # A token belongs to one install: when a phone switches user, the old identity must
             # stop ringing it, so every other registration holding this token is dropped.
             displaced = db.execute(
@@ -619,6 +639,8 @@ class SQLiteStore:
                 "AND NOT (identity = ? AND device_id = ?)",
                 (reg.platform.value, reg.token, reg.identity, reg.device_id),
             ).rowcount
+            if displaced:  # from identities this statement does not name
+                self._targets.clear()
             existing = db.execute(
                 "SELECT created_at FROM registrations WHERE identity = ? AND device_id = ?",
                 (reg.identity, reg.device_id),
@@ -635,6 +657,7 @@ class SQLiteStore:
         self, reg: Registration, reason: str, now: float, unless_updated_after: float | None = None
     ) -> bool:
         with self._write() as db:
+            self._targets.pop(reg.identity, None)
             removed = db.execute(
                 "DELETE FROM registrations WHERE identity = ? AND device_id = ? AND token = ? "
                 "AND (? IS NULL OR updated_at <= ?)",
@@ -744,6 +767,7 @@ class SQLiteStore:
 
     async def bulk_insert_registrations(self, regs: list[Registration]) -> None:
         with self._write() as db:
+            self._targets.clear()
             db.executemany(
                 f"INSERT OR REPLACE INTO registrations ({_REG_COLUMNS}) "
                 f"VALUES ({_REG_PLACEHOLDERS})",
@@ -753,6 +777,7 @@ class SQLiteStore:
     async def upsert_registrations(self, regs: list[Registration]) -> list[bool]:
         created: list[bool] = []
         with self._write() as db:
+            self._targets.clear()  # tokens may move from identities not in `regs`
             for reg in regs:  # the same statements as upsert_registration, one transaction
                 db.execute(
                     "DELETE FROM registrations WHERE platform = ? AND token = ? "
@@ -792,6 +817,7 @@ class SQLiteStore:
 
     async def delete_registration(self, identity: str, device_id: str) -> bool:
         with self._write() as db:
+            self._targets.pop(identity, None)
             cur = db.execute(
                 "DELETE FROM registrations WHERE identity = ? AND device_id = ?",
                 (identity, device_id),
@@ -800,15 +826,40 @@ class SQLiteStore:
 
     async def delete_identity(self, identity: str) -> int:
         with self._write() as db:
+            self._targets.pop(identity, None)
             return db.execute("DELETE FROM registrations WHERE identity = ?", (identity,)).rowcount
 
     async def push_targets(self, identity: str, kind: PushKind, now: float) -> list[Registration]:
-        rows = self.db.execute(
-            f"SELECT {_REG_COLUMNS} FROM registrations "
-            "WHERE identity = ? AND push_kind = ? AND expires_at > ?",
-            (identity, kind, now),  # a StrEnum binds as its text
-        ).fetchall()
-        return [_registration(r) for r in rows]
+        # The cached Registration objects are shared by every push of the identity: nothing
+        # changes a Registration after it is built (models.Registration).
+        if not 0.0 <= now - self._external_checked_at < EXTERNAL_WRITES_CHECKED_EVERY:
+            self._check_external_writes(now)
+        regs = self._targets.get(identity)
+        if regs is None:
+            regs = self._cache_targets(identity)
+        return [r for r in regs if r.push_kind is kind and r.expires_at > now]
+
+    def _cache_targets(self, identity: str) -> list[Registration]:
+        regs = [
+            _registration(r)
+            for r in self.db.execute(
+                f"SELECT {_REG_COLUMNS} FROM registrations WHERE identity = ?", (identity,)
+            )
+        ]
+        table = self._targets
+        table[identity] = regs
+        if len(table) > TARGETS_CACHED:
+            table.popitem(last=False)
+        return regs
+
+    def _check_external_writes(self, now: float) -> None:
+        """sqlite.org/pragma.html#pragma_data_version: the value changes when another
+        connection commits; this connection's own commits (and checkpoints) leave it."""
+        self._external_checked_at = now
+        (version,) = self.db.execute("PRAGMA data_version").fetchone()
+        if version != self._data_version:
+            self._data_version = version
+            self._targets.clear()
 
     # --- muted chat threads -----------------------------------------------------------------
 
@@ -1152,6 +1203,7 @@ class SQLiteStore:
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         with self._write() as db:
+            self._targets.clear()
             regs = db.execute("DELETE FROM registrations WHERE expires_at <= ?", (now,)).rowcount
             deliveries = db.execute(
                 "DELETE FROM deliveries WHERE updated_at < ?", (cutoff,)
