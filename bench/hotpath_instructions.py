@@ -79,6 +79,7 @@ def child(a: argparse.Namespace) -> None:
         relay = spawn(
             [
                 *("valgrind", "--tool=callgrind", "--instr-atstart=no"),
+                *(["--cache-sim=yes"] if a.cache_sim else []),
                 f"--callgrind-out-file={out}",
                 *(sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet),
             ],
@@ -111,10 +112,18 @@ def child(a: argparse.Namespace) -> None:
                     log = (work / "relay.log").read_text(errors="replace")
                     raise RuntimeError(f"relay did not come up:\n{log[-3000:]}")
                 await asyncio.sleep(0.5)
-            bodies = make_bodies(a.warm_up + a.events, a.identities)
+            # Made in slices just before they are sent: a long warm-up under valgrind outlives
+            # the ring window, and an event older than that is (rightly) not pushed.
+            bodies: list[tuple[str, bytes]] = []
             statuses: dict[int, int] = {}
 
-            async def send(batch: list[tuple[str, bytes]]) -> None:
+            async def send(count: int, slice_: int) -> None:
+                for start in range(0, count, slice_):
+                    batch = make_bodies(min(slice_, count - start), a.identities)
+                    bodies.extend(batch)
+                    await send_batch(batch)
+
+            async def send_batch(batch: list[tuple[str, bytes]]) -> None:
                 queue = iter(batch)
 
                 async def worker() -> None:
@@ -124,7 +133,7 @@ def child(a: argparse.Namespace) -> None:
 
                 await asyncio.gather(*(worker() for _ in range(a.concurrency)))
 
-            await send(bodies[: a.warm_up])
+            await send(a.warm_up, 1000)
 
             def control(*args: str) -> None:
                 subprocess.run(
@@ -137,16 +146,19 @@ def child(a: argparse.Namespace) -> None:
             control("-i", "on")
             control("-z")
             started = time.monotonic()
-            await send(bodies[a.warm_up :])
+            await send(a.events, a.events)  # one slice: no lulls
             seconds = time.monotonic() - started
             control("-d")
             control("-i", "off")
             poster.close()
             dumps = sorted(work.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
             text = dumps[-1].read_text(errors="replace")
-            match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-            if match is None:
+            match = re.search(r"^(?:summary|totals): ([\d ]+)", text, re.M)
+            names = re.search(r"^events: (.+)$", text, re.M)
+            if match is None or names is None:
                 raise RuntimeError(f"no totals in {dumps[-1]}")
+            totals = map(int, match.group(1).split())
+            counts = dict(zip(names.group(1).split(), totals, strict=True))
             if a.keep_dump:
                 shutil.copy(dumps[-1], a.keep_dump)
             got = await receipts(f"https://127.0.0.1:{hub_port}", certs.ca_file)
@@ -160,7 +172,11 @@ def child(a: argparse.Namespace) -> None:
             print(
                 orjson.dumps(
                     {
-                        "ir": int(match.group(1)),
+                        "ir": counts["Ir"],
+                        # with --cache-sim: last-level misses (instruction + data reads and
+                        # writes), the simulated cost that instructions leave out
+                        "ll_misses": sum(counts.get(k, 0) for k in ("ILmr", "DLmr", "DLmw")),
+                        "d1_misses": counts.get("D1mr", 0) + counts.get("D1mw", 0),
                         "events": a.events,
                         "seconds": seconds,
                         "statuses": {str(k): v for k, v in statuses.items()},
@@ -194,6 +210,12 @@ def main() -> int:
     parser.add_argument(
         "--keep-dump", help="copy the last round's callgrind dump here (for callgrind_annotate)"
     )
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches (valgrind --cache-sim=yes, ~2x slower): L1 data and "
+        "last-level misses per event",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -211,11 +233,13 @@ def main() -> int:
         flush=True,
     )
     figures: dict[str, list[float]] = {t: [] for t in trees}
+    misses: dict[str, list[tuple[float, float]]] = {t: [] for t in trees}
     for round_ in range(1, a.rounds + 1):
         for tree in trees:
             args = [sys.executable, __file__, "--child", "--devices", str(a.devices)]
             args += ["--identities", str(a.identities), "--events", str(a.events)]
             args += ["--warm-up", str(a.warm_up), "--concurrency", str(a.concurrency)]
+            args += ["--cache-sim"] if a.cache_sim else []
             if a.keep_dump:
                 args += ["--keep-dump", f"{a.keep_dump}.{trees.index(tree)}"]
             env = {**os.environ, "PYTHONPATH": tree}
@@ -229,8 +253,14 @@ def main() -> int:
             r = json.loads(line)
             per_event = r["ir"] / r["events"]
             figures[tree].append(per_event)
+            misses[tree].append((r["d1_misses"] / r["events"], r["ll_misses"] / r["events"]))
+            cache = (
+                f", {misses[tree][-1][0]:,.0f} L1d + {misses[tree][-1][1]:,.0f} LL misses/event"
+                if a.cache_sim
+                else ""
+            )
             print(
-                f"  round {round_} {tree}: {per_event / 1e6:7.3f} M instructions/event "
+                f"  round {round_} {tree}: {per_event / 1e6:7.3f} M instructions/event{cache} "
                 f"({r['events']} events in {r['seconds']:.1f} s under valgrind; statuses "
                 f"{r['statuses']}, missing {r['missing']}, duplicated {r['duplicated']})",
                 flush=True,
@@ -243,6 +273,15 @@ def main() -> int:
         med = statistics.median(figures[tree])
         spread = f"{min(figures[tree]) / 1e6:.3f}-{max(figures[tree]) / 1e6:.3f}"
         print(f"{tree}: median {med / 1e6:.3f} M ({spread}) = {med / base:.3f}x the first tree")
+        if a.cache_sim:
+            d1 = statistics.median(m[0] for m in misses[tree])
+            ll = statistics.median(m[1] for m in misses[tree])
+            d1_base = statistics.median(m[0] for m in misses[trees[0]])
+            ll_base = statistics.median(m[1] for m in misses[trees[0]])
+            print(
+                f"    L1 data misses {d1:,.0f}/event = {d1 / d1_base:.3f}x, last-level misses "
+                f"{ll:,.0f}/event = {ll / ll_base:.3f}x the first tree"
+            )
     return 0
 
 

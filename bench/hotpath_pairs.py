@@ -1,0 +1,171 @@
+"""CPU per IncomingCall of two source trees, measured in interleaved pairs of short wrk chunks on
+relays that run side by side, so that this VM's speed swings (1.5x within minutes, seen in
+`relay_bench.py`'s probes) fall on both trees alike; the figure is the median of the pairs'
+ratios. Issue 14's "within 5 %" check, in wall-clock CPU rather than callgrind's instructions.
+
+    python bench/hotpath_pairs.py --src /work/wt/before/src --src src --pairs 12
+
+Both relays (`ringrelay serve` of each tree, SQLite seeded by that tree's own store, access log
+off where the tree has the flag) run pinned to core 0 at once; only one is loaded at a time. The
+fake Notification Hubs (TLS, SAS verified) and wrk (64 connections) share core 1. Each pair runs
+one `--seconds` chunk on each tree, the order alternating from pair to pair; after a warm-up chunk
+each. A chunk's figure is the relay's user+system CPU (from /proc) over the requests wrk
+completed. Every push is counted at the hub at the end: none may be missing or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from relay_bench import (  # noqa: E402
+    HUB,
+    KEY,
+    cpu_seconds,
+    free_port,
+    pin,
+    receipts,
+    spawn,
+    wait_ready,
+    wrk_closed_loop,
+    wrk_receipt_check,
+)
+
+from ringrelay.fakes.tls import make_test_certificates  # noqa: E402
+
+SEED = (
+    "import asyncio, sys; sys.path.insert(0, {bench!r}); from pathlib import Path; "
+    "from relay_bench import seed; asyncio.run(seed(Path({db!r}), {n}, {devices}))"
+)
+
+
+def start_relay(tree: str, work: Path, tag: str, hub_port: int, ca: Path, a: argparse.Namespace):
+    env = {**os.environ, "PYTHONPATH": tree}
+    db = work / f"registry-{tag}.db"
+    code = SEED.format(bench=str(HERE), db=str(db), n=a.identities, devices=a.devices)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    helptext = subprocess.run(
+        [sys.executable, "-m", "ringrelay", "serve", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
+    quiet = ["--no-access-log"] if "--no-access-log" in helptext else []
+    port = free_port()
+    conn = (
+        f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
+        f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
+    )
+    proc = spawn(
+        [sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet],
+        0,
+        {
+            "PYTHONPATH": tree,
+            "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
+            "RINGRELAY_NH_CONNECTION_STRING": conn,
+            "RINGRELAY_NH_HUB_NAME": HUB,
+            "RINGRELAY_NH_CA_FILE": str(ca),
+            "RINGRELAY_LOG_LEVEL": "WARNING",
+        },
+        work / f"relay-{tag}.log",
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def run(a: argparse.Namespace) -> int:
+    pin(1)
+    work = Path(tempfile.mkdtemp(prefix="ringrelay-pairs-"))
+    certs = make_test_certificates(work / "tls")
+    hub_port = free_port()
+    hub = spawn(
+        [
+            *(sys.executable, str(HERE / "fake_hub.py"), "--port", str(hub_port)),
+            *("--tls-dir", str(work / "tls"), "--hub", HUB, "--key", KEY),
+        ],
+        1,
+    )
+    assert hub.stdout is not None
+    if hub.stdout.readline().strip() != "ready":
+        raise RuntimeError("fake hub failed to start")
+    hub_url = f"https://127.0.0.1:{hub_port}"
+    relays = [start_relay(t, work, str(i), hub_port, certs.ca_file, a) for i, t in enumerate(a.src)]
+    chunks: list[list[float]] = [[] for _ in a.src]
+    missing = duplicated = 0
+    try:
+        for proc, url in relays:
+            await wait_ready(url, proc)
+
+        async def chunk(i: int) -> float:
+            proc, url = relays[i]
+            before = cpu_seconds(proc.pid)
+            phase = await wrk_closed_loop(f"{url}/api/events", a.seconds, 64, a.identities)
+            used = cpu_seconds(proc.pid) - before
+            await asyncio.sleep(0.3)  # the last requests' pushes land
+            nonlocal missing, duplicated
+            check = wrk_receipt_check(phase, await receipts(hub_url, certs.ca_file), a.devices)
+            missing += check["missing"]
+            duplicated += check["dupes"]
+            return used / phase.events * 1e6
+
+        for i in range(len(relays)):
+            await chunk(i)  # warm-up: connections, caches, the first group commits
+        for pair in range(a.pairs):
+            order = range(len(relays)) if pair % 2 == 0 else reversed(range(len(relays)))
+            got = {i: await chunk(i) for i in order}
+            for i, us in got.items():
+                chunks[i].append(us)
+            print(
+                f"pair {pair + 1:2d}: "
+                + ", ".join(f"{us:4.0f} us" for _, us in sorted(got.items()))
+                + "".join(f" | ratio {got[i] / got[0]:.3f}" for i in range(1, len(relays))),
+                flush=True,
+            )
+    finally:
+        for proc, _ in relays:
+            proc.terminate()
+        hub.terminate()
+        for proc in [*(p for p, _ in relays), hub]:
+            proc.wait(timeout=30)
+    print(
+        f"\nconditions: {a.devices} device(s) per callee, {a.identities:,} callees, "
+        f"{a.pairs} pairs of {a.seconds:.0f} s wrk chunks (64 connections), relays side by side "
+        f"on core 0, hub + wrk on core 1; python {sys.version.split()[0]}"
+    )
+    for i, tree in enumerate(a.src):
+        v = chunks[i]
+        line = f"{tree}: median {statistics.median(v):.0f} us CPU per IncomingCall "
+        line += f"({min(v):.0f}-{max(v):.0f})"
+        if i:
+            ratios = sorted(x / y for x, y in zip(v, chunks[0], strict=True))
+            line += f"; median pair ratio {statistics.median(ratios):.3f} "
+            line += f"({ratios[0]:.3f}-{ratios[-1]:.3f}) against the first tree"
+        print(line)
+    print(f"pushes missing {missing}, duplicated {duplicated}")
+    return 0 if missing == duplicated == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src", action="append", help="a tree's src/ (repeat; first = baseline)")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--identities", type=int, default=10_000)
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    a = parser.parse_args()
+    a.src = [str(Path(s).resolve()) for s in (a.src or [str(HERE.parent / "src")])]
+    if len(a.src) < 2:
+        parser.error("give two trees: --src BASELINE/src --src OTHER/src")
+    return asyncio.run(run(a))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
