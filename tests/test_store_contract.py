@@ -678,3 +678,26 @@ async def test_sqlite_push_targets_come_from_memory_until_another_process_writes
     finally:
         await admin.close()
         await serving.close()
+
+
+async def test_sqlite_purge_keeps_the_registrations_in_memory(tmp_path: Any) -> None:
+    """The minutely purge drops no live registration, so it must not empty the memory of the
+    callees' registrations (it did: under load every purge made the next call of each of 10,000
+    callees read its rows again, 15 % of callgrind's last-level misses in one window). What it
+    deletes has expired, and an expired registration is never pushed from memory either."""
+    store = SQLiteStore(str(tmp_path / "purge.db"))
+    await store.open()
+    try:
+        await store.upsert_registration(reg())
+        await store.upsert_registration(reg(device="d2", token="cd" * 32, expires_at=NOW + 10))
+        assert len(await store.push_targets("8:acs:r_a", PushKind.VOIP, NOW)) == 2
+        statements: list[str] = []
+        store.db.set_trace_callback(statements.append)
+        counts = await store.purge(NOW + 20, 3600.0)
+        assert counts.registrations == 1
+        statements.clear()
+        got = await store.push_targets("8:acs:r_a", PushKind.VOIP, NOW + 20)
+        assert [r.device_id for r in got] == ["d1"]
+        assert not [s for s in statements if "FROM registrations" in s]
+    finally:
+        await store.close()

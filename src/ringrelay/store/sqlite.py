@@ -1203,7 +1203,9 @@ class SQLiteStore:
     async def purge(self, now: float, ledger_retention_seconds: float) -> PurgeCounts:
         cutoff = now - ledger_retention_seconds
         with self._write() as db:
-            self._targets.clear()
+            # The memory of push targets stays: this deletes only registrations that have
+            # expired, which push_targets filters out of it anyway (emptying it every minute
+            # made each callee's next call read its rows again).
             regs = db.execute("DELETE FROM registrations WHERE expires_at <= ?", (now,)).rowcount
             deliveries = db.execute(
                 "DELETE FROM deliveries WHERE updated_at < ?", (cutoff,)
