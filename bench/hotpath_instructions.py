@@ -80,6 +80,8 @@ def child(a: argparse.Namespace) -> None:
             [
                 *("valgrind", "--tool=callgrind", "--instr-atstart=no"),
                 *(["--cache-sim=yes"] if a.cache_sim else []),
+                *([f"--LL={a.last_level},8,64"] if a.cache_sim and a.last_level else []),
+                *(["--branch-sim=yes"] if a.branch_sim else []),
                 f"--callgrind-out-file={out}",
                 *(sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet),
             ],
@@ -177,6 +179,8 @@ def child(a: argparse.Namespace) -> None:
                         # writes), the simulated cost that instructions leave out
                         "ll_misses": sum(counts.get(k, 0) for k in ("ILmr", "DLmr", "DLmw")),
                         "d1_misses": counts.get("D1mr", 0) + counts.get("D1mw", 0),
+                        # with --branch-sim: mispredicted conditional / indirect branches
+                        "branch_misses": [counts.get("Bcm", 0), counts.get("Bim", 0)],
                         "events": a.events,
                         "seconds": seconds,
                         "statuses": {str(k): v for k, v in statuses.items()},
@@ -216,6 +220,19 @@ def main() -> int:
         help="also simulate the caches (valgrind --cache-sim=yes, ~2x slower): L1 data and "
         "last-level misses per event",
     )
+    parser.add_argument(
+        "--last-level",
+        type=int,
+        help="with --cache-sim: the simulated last-level cache's size in bytes (8-way, 64-byte "
+        "lines). valgrind takes the host's L3 (32 MB here, shared with other VMs); 524288 "
+        "simulates this EPYC's 512 KB L2 per core instead, whose misses the L3 then serves",
+    )
+    parser.add_argument(
+        "--branch-sim",
+        action="store_true",
+        help="also simulate branch prediction (valgrind --branch-sim=yes): mispredicted "
+        "conditional and indirect branches per event",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -240,6 +257,8 @@ def main() -> int:
             args += ["--identities", str(a.identities), "--events", str(a.events)]
             args += ["--warm-up", str(a.warm_up), "--concurrency", str(a.concurrency)]
             args += ["--cache-sim"] if a.cache_sim else []
+            args += ["--last-level", str(a.last_level)] if a.last_level else []
+            args += ["--branch-sim"] if a.branch_sim else []
             if a.keep_dump:
                 args += ["--keep-dump", f"{a.keep_dump}.{trees.index(tree)}"]
             env = {**os.environ, "PYTHONPATH": tree}
@@ -259,6 +278,9 @@ def main() -> int:
                 if a.cache_sim
                 else ""
             )
+            if a.branch_sim:
+                cond, indirect = (n / r["events"] for n in r["branch_misses"])
+                cache += f", {cond:,.0f} conditional + {indirect:,.0f} indirect mispredicted"
             print(
                 f"  round {round_} {tree}: {per_event / 1e6:7.3f} M instructions/event{cache} "
                 f"({r['events']} events in {r['seconds']:.1f} s under valgrind; statuses "

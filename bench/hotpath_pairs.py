@@ -10,7 +10,9 @@ off where the tree has the flag) run pinned to core 0 at once; only one is loade
 fake Notification Hubs (TLS, SAS verified) and wrk (64 connections) share core 1. Each pair runs
 one `--seconds` chunk on each tree, the order alternating from pair to pair; after a warm-up chunk
 each. A chunk's figure is the relay's user+system CPU (from /proc) over the requests wrk
-completed. Every push is counted at the hub at the end: none may be missing or duplicated.
+completed; per tree it also prints user and system CPU, minor page faults and context switches
+per event (medians over the chunks) and the memory resident at the end. Every push is counted at
+the hub at the end: none may be missing or duplicated.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ sys.path.insert(0, str(HERE))
 from relay_bench import (  # noqa: E402
     HUB,
     KEY,
-    cpu_seconds,
     free_port,
     pin,
     receipts,
@@ -46,6 +47,24 @@ SEED = (
     "import asyncio, sys; sys.path.insert(0, {bench!r}); from pathlib import Path; "
     "from relay_bench import seed; asyncio.run(seed(Path({db!r}), {n}, {devices}))"
 )
+
+
+def counters(pid: int) -> dict[str, float]:
+    """The process's user and system CPU seconds and minor page faults (/proc/PID/stat, fields
+    10, 14 and 15: proc(5)) and its threads' context switches (/proc/PID/task/*/status)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if "ctxt_switches:" in line:  # voluntary and nonvoluntary
+                switches += int(line.split()[1])
+    return {
+        "user": int(fields[11]) / tick,
+        "sys": int(fields[12]) / tick,
+        "minflt": float(fields[7]),
+        "ctxsw": float(switches),
+    }
 
 
 def start_relay(tree: str, work: Path, tag: str, hub_port: int, ca: Path, a: argparse.Namespace):
@@ -99,6 +118,11 @@ async def run(a: argparse.Namespace) -> int:
     hub_url = f"https://127.0.0.1:{hub_port}"
     relays = [start_relay(t, work, str(i), hub_port, certs.ca_file, a) for i, t in enumerate(a.src)]
     chunks: list[list[float]] = [[] for _ in a.src]
+    rss = [0.0 for _ in a.src]  # MiB resident at the end
+    # per tree: user/system CPU, minor faults and context switches per event, each chunk
+    parts: list[dict[str, list[float]]] = [
+        {"user": [], "sys": [], "minflt": [], "ctxsw": []} for _ in a.src
+    ]
     missing = duplicated = 0
     try:
         for proc, url in relays:
@@ -106,18 +130,24 @@ async def run(a: argparse.Namespace) -> int:
 
         async def chunk(i: int) -> float:
             proc, url = relays[i]
-            before = cpu_seconds(proc.pid)
+            before = counters(proc.pid)
             phase = await wrk_closed_loop(f"{url}/api/events", a.seconds, 64, a.identities)
-            used = cpu_seconds(proc.pid) - before
+            after = counters(proc.pid)
             await asyncio.sleep(0.3)  # the last requests' pushes land
             nonlocal missing, duplicated
             check = wrk_receipt_check(phase, await receipts(hub_url, certs.ca_file), a.devices)
             missing += check["missing"]
             duplicated += check["dupes"]
-            return used / phase.events * 1e6
+            per_event = {k: (after[k] - before[k]) / phase.events for k in after}
+            for k, v in per_event.items():
+                parts[i][k].append(v)
+            return (per_event["user"] + per_event["sys"]) * 1e6
 
         for i in range(len(relays)):
             await chunk(i)  # warm-up: connections, caches, the first group commits
+        for p in parts:
+            for v in p.values():
+                v.clear()
         for pair in range(a.pairs):
             order = range(len(relays)) if pair % 2 == 0 else reversed(range(len(relays)))
             got = {i: await chunk(i) for i in order}
@@ -129,6 +159,9 @@ async def run(a: argparse.Namespace) -> int:
                 + "".join(f" | ratio {got[i] / got[0]:.3f}" for i in range(1, len(relays))),
                 flush=True,
             )
+        for i, (proc, _) in enumerate(relays):
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss[i] = int(status.split("VmRSS:")[1].split()[0]) / 1024
     finally:
         for proc, _ in relays:
             proc.terminate()
@@ -149,6 +182,13 @@ async def run(a: argparse.Namespace) -> int:
             line += f"; median pair ratio {statistics.median(ratios):.3f} "
             line += f"({ratios[0]:.3f}-{ratios[-1]:.3f}) against the first tree"
         print(line)
+        m = {k: statistics.median(v) for k, v in parts[i].items()}
+        print(
+            f"    per IncomingCall (medians over the chunks): user "
+            f"{m['user'] * 1e6:.0f} us, system {m['sys'] * 1e6:.0f} us, {m['minflt']:.2f} "
+            f"minor page faults, {m['ctxsw']:.2f} context switches (all threads); "
+            f"{rss[i]:.0f} MiB resident at the end"
+        )
     print(f"pushes missing {missing}, duplicated {duplicated}")
     return 0 if missing == duplicated == 0 else 1
 
