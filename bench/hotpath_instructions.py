@@ -42,6 +42,7 @@ def child(a: argparse.Namespace) -> None:
         HUB,
         KEY,
         RawPoster,
+        WrkShapedBodies,
         free_port,
         make_bodies,
         pin,
@@ -117,11 +118,13 @@ def child(a: argparse.Namespace) -> None:
             # Made in slices just before they are sent: a long warm-up under valgrind outlives
             # the ring window, and an event older than that is (rightly) not pushed.
             bodies: list[tuple[str, bytes]] = []
+            wrk_bodies = WrkShapedBodies(a.identities) if a.wrk_shaped else None
             statuses: dict[int, int] = {}
 
             async def send(count: int, slice_: int) -> None:
                 for start in range(0, count, slice_):
-                    batch = make_bodies(min(slice_, count - start), a.identities)
+                    n = min(slice_, count - start)
+                    batch = wrk_bodies(n) if wrk_bodies else make_bodies(n, a.identities)
                     bodies.extend(batch)
                     await send_batch(batch)
 
@@ -233,6 +236,13 @@ def main() -> int:
         help="also simulate branch prediction (valgrind --branch-sim=yes): mispredicted "
         "conditional and indirect branches per event",
     )
+    parser.add_argument(
+        "--wrk-shaped",
+        action="store_true",
+        help="post the deliveries wrk posts in relay_bench.py and hotpath_pairs.py (one "
+        "serverCallId and context for all, ids counting up, eventTime in whole seconds) "
+        "instead of make_bodies' (random ids, serverCallId and context per event)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:
@@ -259,6 +269,7 @@ def main() -> int:
             args += ["--cache-sim"] if a.cache_sim else []
             args += ["--last-level", str(a.last_level)] if a.last_level else []
             args += ["--branch-sim"] if a.branch_sim else []
+            args += ["--wrk-shaped"] if a.wrk_shaped else []
             if a.keep_dump:
                 args += ["--keep-dump", f"{a.keep_dump}.{trees.index(tree)}"]
             env = {**os.environ, "PYTHONPATH": tree}

@@ -450,13 +450,46 @@ end
 """
 
 
-def wrk_script(identities: int, run: str) -> str:
-    """A wrk script posting deliveries shaped like make_bodies' (unique ids, random callee)."""
+def wrk_template() -> tuple[list[str], list[str]]:
+    """The delivery wrk posts, cut where it fills in the callee (R), the event and call id (C)
+    and the event time (T): every other byte (serverCallId, context, caller) is the same in
+    every request."""
     event = incoming_call_event("8:acs:@@R@@", event_id="@@C@@", correlation_id="@@C@@")
     event["eventTime"] = "@@T@@"
     body = orjson.dumps([event]).decode().replace("8:acs:@@R@@", "@@R@@")
     pieces = re.split(r"@@([RCT])@@", body)
-    parts, kinds = pieces[0::2], [*pieces[1::2], ""]
+    return pieces[0::2], [*pieces[1::2], ""]
+
+
+class WrkShapedBodies:
+    """The bodies WRK_SCRIPT makes, made in Python (for harnesses that post themselves, so that
+    their events are those of the wrk runs they are compared with)."""
+
+    def __init__(self, identities: int) -> None:
+        self.parts, self.kinds = wrk_template()
+        self.identities = identities
+        self.run = uuid.uuid4().hex[:8]
+        self.counter = 0
+
+    def __call__(self, count: int) -> list[tuple[str, bytes]]:
+        out = []
+        for _ in range(count):
+            self.counter += 1
+            call = f"w{self.run}-0-{self.counter}"
+            values = {
+                "R": f"8:acs:bench_{random.randrange(self.identities)}",
+                "C": call,
+                "T": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "": "",
+            }
+            body = "".join(p + values[k] for p, k in zip(self.parts, self.kinds, strict=True))
+            out.append((call, body.encode()))
+        return out
+
+
+def wrk_script(identities: int, run: str) -> str:
+    """A wrk script posting deliveries shaped like make_bodies' (unique ids, random callee)."""
+    parts, kinds = wrk_template()
     return WRK_SCRIPT % {
         "parts": ", ".join(f"[==[{p}]==]" for p in parts),
         "kinds": ", ".join(f'"{k}"' for k in kinds),
@@ -660,6 +693,33 @@ async def _measure_once(
     }
 
 
+def seed_with_tree(src: str, work: Path, identities: int, devices: int) -> tuple[Path, dict]:
+    """A registry seeded by the store of the ringrelay under `src`, and the environment that runs
+    that ringrelay (the fakes and the load stay this tree's, so that both sides of a comparison
+    of two trees meet the same fake hub)."""
+    tree = str(Path(src).resolve())
+    db = work / f"registry-{devices}-{Path(tree).parent.name}.db"
+    code = (
+        f"import asyncio, sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; "
+        f"from relay_bench import seed; asyncio.run(seed(Path({str(db)!r}), {identities}, "
+        f"{devices}))"
+    )
+    env = {"PYTHONPATH": tree}
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True)
+    return db, env
+
+
+def relay_has_flag(env: dict, flag: str) -> bool:
+    """Whether that tree's `ringrelay serve` takes `flag` (older trees have fewer)."""
+    helptext = subprocess.run(
+        [sys.executable, "-m", "ringrelay", "serve", "--help"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    ).stdout
+    return flag in helptext
+
+
 async def run(a: Any) -> list[dict]:
     pin(LOAD_CORE)
     work = Path(tempfile.mkdtemp(prefix="ringrelay-bench-"))
@@ -705,17 +765,17 @@ async def run(a: Any) -> list[dict]:
             for name in a.relays:
                 port = free_port()
                 if name == "ringrelay":
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        "ringrelay",
-                        "serve",
-                        "--port",
-                        str(port),
-                        "--no-access-log",
-                    ]
+                    rr_db = db
+                    cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)]
+                    env = {}
+                    if a.relay_src:
+                        # That tree's relay, on a file its own store made (schemas differ).
+                        rr_db, env = seed_with_tree(a.relay_src, work, a.identities, devices)
+                    if relay_has_flag(env, "--no-access-log"):
+                        cmd.append("--no-access-log")
                     env = {
-                        "RINGRELAY_DATABASE_URL": f"sqlite:///{db}",
+                        **env,
+                        "RINGRELAY_DATABASE_URL": f"sqlite:///{rr_db}",
                         "RINGRELAY_NH_CONNECTION_STRING": conn,
                         "RINGRELAY_NH_HUB_NAME": HUB,
                         "RINGRELAY_NH_CA_FILE": str(certs.ca_file),
@@ -892,6 +952,12 @@ def main() -> int:
         nargs="+",
         default=["bare-relay", "ringrelay", "sample-style", "sample-ca-only"],
         help="which relays to measure (the report needs all three)",
+    )
+    parser.add_argument(
+        "--relay-src",
+        help="run the ringrelay under this src/ (e.g. a worktree of an older commit) against "
+        "this tree's fake hub and load; comparing trees with each tree's own bench also "
+        "changes the fake hub (src/ringrelay/fakes/notificationhubs.py changed after 2e80c43)",
     )
     a = parser.parse_args()
     if a.quick:
