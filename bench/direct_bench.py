@@ -64,9 +64,11 @@ def ready(proc: Any, what: str) -> None:
         raise RuntimeError(f"{what} failed to start: {line}{proc.stdout.read()}")
 
 
-async def run(a: Any) -> list[dict[str, Any]]:
-    pin(LOAD_CORE)
-    work = Path(tempfile.mkdtemp(prefix="ringrelay-direct-bench-"))
+def start_fakes(
+    work: Path, framing: str = "lean"
+) -> tuple[list[Any], dict[str, tuple[dict[str, str], str]]]:
+    """The fake APNs + FCM (one process) and the fake hub on the load core, and per transport
+    the relay's environment and where its pushes are counted. The caller ends the processes."""
     certs = make_test_certificates(work / "tls")
     private, public = work / "AuthKey.p8", work / "AuthKey.pub.pem"
     public.write_bytes(write_signing_key(private))
@@ -81,7 +83,7 @@ async def run(a: Any) -> list[dict[str, Any]]:
             *("--control-port", str(control_port), "--tls-dir", str(work / "tls")),
             *("--team-id", TEAM, "--key-id", KEY_ID, "--public-key", str(public)),
             *("--bundle-id", BUNDLE, "--service-account", str(account)),
-            *("--framing", a.fake_framing),
+            *("--framing", framing),
         ],
         LOAD_CORE,
     )
@@ -94,58 +96,71 @@ async def run(a: Any) -> list[dict[str, Any]]:
         ],
         LOAD_CORE,
     )
-    procs = [fakes, hub]
+    try:
+        ready(fakes, "fake APNs/FCM")
+        ready(hub, "fake hub")
+    except BaseException:
+        for proc in (fakes, hub):
+            proc.kill()
+        raise
+    ca = str(certs.ca_file)
+    transports: dict[str, tuple[dict[str, str], str]] = {
+        "notificationhubs": (
+            {
+                "RINGRELAY_NH_CONNECTION_STRING": (
+                    f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
+                    f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
+                ),
+                "RINGRELAY_NH_HUB_NAME": HUB,
+                "RINGRELAY_NH_CA_FILE": ca,
+            },
+            f"https://127.0.0.1:{hub_port}",
+        ),
+        "apns": (
+            {
+                "RINGRELAY_APNS": json.dumps(
+                    [
+                        {
+                            "bundle_id": BUNDLE,
+                            "team_id": TEAM,
+                            "key_id": KEY_ID,
+                            "key_file": str(private),
+                            "endpoint": f"127.0.0.1:{apns_port}",
+                            "ca_file": ca,
+                        }
+                    ]
+                )
+            },
+            f"https://127.0.0.1:{control_port}",
+        ),
+        "fcm": (
+            {
+                "RINGRELAY_FCM": json.dumps(
+                    [
+                        {
+                            "service_account_file": str(account),
+                            "endpoint": f"https://127.0.0.1:{fcm_port}",
+                            "ca_file": ca,
+                        }
+                    ]
+                )
+            },
+            f"https://127.0.0.1:{control_port}",
+        ),
+    }
+    return [fakes, hub], transports
+
+
+async def run(a: Any) -> list[dict[str, Any]]:
+    pin(LOAD_CORE)
+    work = Path(tempfile.mkdtemp(prefix="ringrelay-direct-bench-"))
+    procs, transports = start_fakes(work, a.fake_framing)
+    fakes, hub = procs
+    certs = make_test_certificates(work / "tls")  # made by start_fakes: read back
     results = []
     speed = MachineSpeed([SERVER_CORE, LOAD_CORE])
     print(f"machine speed at the start (fixed work's CPU time): {speed.describe()}", flush=True)
     try:
-        ready(fakes, "fake APNs/FCM")
-        ready(hub, "fake hub")
-        ca = str(certs.ca_file)
-        transports: dict[str, tuple[dict[str, str], str]] = {
-            "notificationhubs": (
-                {
-                    "RINGRELAY_NH_CONNECTION_STRING": (
-                        f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="
-                        f"DefaultFullSharedAccessSignature;SharedAccessKey={KEY}"
-                    ),
-                    "RINGRELAY_NH_HUB_NAME": HUB,
-                    "RINGRELAY_NH_CA_FILE": ca,
-                },
-                f"https://127.0.0.1:{hub_port}",
-            ),
-            "apns": (
-                {
-                    "RINGRELAY_APNS": json.dumps(
-                        [
-                            {
-                                "bundle_id": BUNDLE,
-                                "team_id": TEAM,
-                                "key_id": KEY_ID,
-                                "key_file": str(private),
-                                "endpoint": f"127.0.0.1:{apns_port}",
-                                "ca_file": ca,
-                            }
-                        ]
-                    )
-                },
-                f"https://127.0.0.1:{control_port}",
-            ),
-            "fcm": (
-                {
-                    "RINGRELAY_FCM": json.dumps(
-                        [
-                            {
-                                "service_account_file": str(account),
-                                "endpoint": f"https://127.0.0.1:{fcm_port}",
-                                "ca_file": ca,
-                            }
-                        ]
-                    )
-                },
-                f"https://127.0.0.1:{control_port}",
-            ),
-        }
         if a.baseline_src:
             for name in ("apns", "fcm"):
                 env, receipts_url = transports[name]
