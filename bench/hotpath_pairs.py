@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,8 @@ from relay_bench import (  # noqa: E402
     free_port,
     pin,
     receipts,
+    relay_has_flag,
+    seed_with_tree,
     spawn,
     wait_ready,
     wrk_closed_loop,
@@ -42,11 +43,6 @@ from relay_bench import (  # noqa: E402
 )
 
 from ringrelay.fakes.tls import make_test_certificates  # noqa: E402
-
-SEED = (
-    "import asyncio, sys; sys.path.insert(0, {bench!r}); from pathlib import Path; "
-    "from relay_bench import seed; asyncio.run(seed(Path({db!r}), {n}, {devices}))"
-)
 
 
 def counters(pid: int) -> dict[str, float]:
@@ -68,17 +64,9 @@ def counters(pid: int) -> dict[str, float]:
 
 
 def start_relay(tree: str, work: Path, tag: str, hub_port: int, ca: Path, a: argparse.Namespace):
-    env = {**os.environ, "PYTHONPATH": tree}
     db = work / f"registry-{tag}.db"
-    code = SEED.format(bench=str(HERE), db=str(db), n=a.identities, devices=a.devices)
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
-    helptext = subprocess.run(
-        [sys.executable, "-m", "ringrelay", "serve", "--help"],
-        env=env,
-        capture_output=True,
-        text=True,
-    ).stdout
-    quiet = ["--no-access-log"] if "--no-access-log" in helptext else []
+    env = seed_with_tree(tree, db, a.identities, a.devices)
+    quiet = ["--no-access-log"] if relay_has_flag(env, "--no-access-log") else []
     port = free_port()
     conn = (
         f"Endpoint=sb://127.0.0.1:{hub_port}/;SharedAccessKeyName="

@@ -693,23 +693,24 @@ async def _measure_once(
     }
 
 
-def seed_with_tree(src: str, work: Path, identities: int, devices: int) -> tuple[Path, dict]:
-    """A registry seeded by the store of the ringrelay under `src`, and the environment that runs
-    that ringrelay (the fakes and the load stay this tree's, so that both sides of a comparison
-    of two trees meet the same fake hub)."""
-    tree = str(Path(src).resolve())
-    db = work / f"registry-{devices}-{Path(tree).parent.name}.db"
+def seed_with_tree(
+    src: str, db: Path, identities: int, devices: int, platform: Platform | None = None
+) -> dict[str, str]:
+    """Seed `db` (as `seed`) with the store of the ringrelay under `src`, whose schema may differ
+    from this tree's; returns the environment that runs that ringrelay. The fakes and the load
+    stay this tree's, so both sides of a comparison of two trees meet the same fakes."""
+    kind = "None" if platform is None else f"Platform.{platform.name}"
     code = (
         f"import asyncio, sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; "
-        f"from relay_bench import seed; asyncio.run(seed(Path({str(db)!r}), {identities}, "
-        f"{devices}))"
+        "from relay_bench import seed; from ringrelay.models import Platform; "
+        f"asyncio.run(seed(Path({str(db)!r}), {identities}, {devices}, {kind}))"
     )
-    env = {"PYTHONPATH": tree}
+    env = {"PYTHONPATH": str(Path(src).resolve())}
     subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True)
-    return db, env
+    return env
 
 
-def relay_has_flag(env: dict, flag: str) -> bool:
+def relay_has_flag(env: dict[str, str], flag: str) -> bool:
     """Whether that tree's `ringrelay serve` takes `flag` (older trees have fewer)."""
     helptext = subprocess.run(
         [sys.executable, "-m", "ringrelay", "serve", "--help"],
@@ -769,8 +770,8 @@ async def run(a: Any) -> list[dict]:
                     cmd = [sys.executable, "-m", "ringrelay", "serve", "--port", str(port)]
                     env = {}
                     if a.relay_src:
-                        # That tree's relay, on a file its own store made (schemas differ).
-                        rr_db, env = seed_with_tree(a.relay_src, work, a.identities, devices)
+                        rr_db = work / f"registry-{devices}-relay-src.db"
+                        env = seed_with_tree(a.relay_src, rr_db, a.identities, devices)
                     if relay_has_flag(env, "--no-access-log"):
                         cmd.append("--no-access-log")
                     env = {

@@ -47,6 +47,8 @@ from relay_bench import (  # noqa: E402
     free_port,
     pin,
     receipts,
+    relay_has_flag,
+    seed_with_tree,
     spawn,
     wait_ready,
     wrk_closed_loop,
@@ -54,14 +56,10 @@ from relay_bench import (  # noqa: E402
 )
 
 from ringrelay.fakes.tls import make_test_certificates  # noqa: E402
+from ringrelay.models import Platform  # noqa: E402
 
 TRANSPORTS = ("notificationhubs", "apns", "fcm")
-PLATFORM = {"notificationhubs": "None", "apns": "Platform.APNS", "fcm": "Platform.FCM"}
-SEED = (
-    "import asyncio, sys; sys.path.insert(0, {bench!r}); from pathlib import Path; "
-    "from relay_bench import seed; from ringrelay.models import Platform; "
-    "asyncio.run(seed(Path({db!r}), {n}, {devices}, {platform}))"
-)
+PLATFORM = {"apns": Platform.APNS, "fcm": Platform.FCM}  # the hub path: the mixed fleet
 
 
 def parse_relay(spec: str) -> tuple[str, str]:
@@ -79,19 +77,9 @@ def start_relay(
     tag: str,
     a: argparse.Namespace,
 ) -> tuple[subprocess.Popen[str], str]:
-    tree_env = {**os.environ, "PYTHONPATH": tree}
     db = work / f"registry-{tag}.db"
-    code = SEED.format(
-        bench=str(HERE), db=str(db), n=a.identities, devices=a.devices, platform=PLATFORM[transport]
-    )
-    subprocess.run([sys.executable, "-c", code], env=tree_env, check=True)
-    helptext = subprocess.run(
-        [sys.executable, "-m", "ringrelay", "serve", "--help"],
-        env=tree_env,
-        capture_output=True,
-        text=True,
-    ).stdout
-    quiet = ["--no-access-log"] if "--no-access-log" in helptext else []
+    tree_env = seed_with_tree(tree, db, a.identities, a.devices, PLATFORM.get(transport))
+    quiet = ["--no-access-log"] if relay_has_flag(tree_env, "--no-access-log") else []
     port = free_port()
     proc = spawn(
         [sys.executable, "-m", "ringrelay", "serve", "--port", str(port), *quiet],
