@@ -16,12 +16,13 @@ not counted; every push is counted at its fake after each window: none may be mi
 duplicated.
 
 What "together" changes: each relay gets a share of the core, so none is saturated as it is
-alone (its group commits and HTTP/2 writes gather fewer events: CPU per event is ~2x its solo
-figure), and the relays share core 0's caches, every switch between them evicting the others'
-lines. Its ratios are steady (the null lands within 1 %, single windows within 6 %) but they are
-ratios under sharing: trees on the same transport compare well (bench/README, "Session 13");
-transports do not, since what batching saves differs between them (direct APNs cost 1.09x the
-hub path's CPU per event here, 0.90x in direct_bench.py's solo peaks of the same day).
+alone (its group commits and HTTP/2 writes gather fewer events: CPU per event is 1.5-2.5x its
+solo figure), and the relays share core 0's caches, every switch between them evicting the
+others' lines. Its ratios are steady (the null lands within 1.2 %, single windows within 7 %) but
+they are ratios under sharing: they compare trees that differ in what they do per event
+(bench/README, "Session 13"), not ones that differ in how much batching saves them, such as two
+transports or two HTTP/2 clients (direct APNs cost 1.09x the hub path's CPU per event here, 0.90x
+in direct_bench.py's solo peaks of the same day).
 """
 
 from __future__ import annotations
