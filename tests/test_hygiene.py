@@ -101,3 +101,32 @@ async def test_internal_errors_show_no_stack_trace(http, sandbox_server) -> None
         assert "Traceback" not in str(body)
     finally:
         await sandbox_server.relay.store.open()
+
+
+async def test_webhook_answers_carry_the_security_headers(http, sandbox_server, monkeypatch) -> None:
+    """The webhook answers on bare ASGI, outside ResponseGuard: its answers, a delivery's, a
+    handshake's and an error of ours alike, still carry the headers, and an error is a plain
+    JSON 500 with nothing of the exception in it."""
+    url = f"{sandbox_server.url}/api/events"
+    body = [incoming_call_event(CALLEE)]
+
+    def expect_guarded(resp) -> None:
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+
+    async with http.post(url, json=body) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "application/json"
+        expect_guarded(resp)
+    async with http.options(url, headers={"WebHook-Request-Origin": "eventgrid.azure.net"}) as resp:
+        assert resp.status == 200 and resp.headers["Content-Length"] == "0"
+        expect_guarded(resp)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret-looking detail")
+
+    monkeypatch.setattr(sandbox_server.relay.dispatcher.calls, "receipt", broken)
+    async with http.post(url, json=body) as resp:
+        assert resp.status == 500
+        assert await resp.json() == {"error": "internal error"}
+        expect_guarded(resp)

@@ -154,7 +154,7 @@ def create_app(settings: Settings, relay: Relay | None = None) -> FastAPI:
         return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     webhook.install(app)
-    app.webhook = ResponseGuard(webhook.asgi_endpoint)
+    app.webhook = webhook.asgi_endpoint  # guards itself: security headers, plain 500s
     app.include_router(registry.router)
     app.include_router(calls.router)
     app.include_router(compat.router)

@@ -47,8 +47,18 @@ _DASHBOARD_CSP = (
 )
 
 
-_API_HEADERS = [*_SECURITY_HEADERS, _CSP]
+API_HEADERS = [*_SECURITY_HEADERS, _CSP]
 _DASHBOARD_HEADERS = [*_SECURITY_HEADERS, _DASHBOARD_CSP]
+
+
+def log_disconnected(scope: Scope) -> None:
+    # The client went away before its request had arrived: nothing to answer, nothing wrong on
+    # our side; one line, not a traceback per aborted request.
+    log.info(
+        "client disconnected before its %s %s request was received; not handled",
+        scope.get("method"),
+        scope.get("path"),
+    )
 
 
 class ResponseGuard:
@@ -73,7 +83,7 @@ class ResponseGuard:
         elif path.startswith("/dashboard"):
             extra = _DASHBOARD_HEADERS
         else:
-            extra = _API_HEADERS
+            extra = API_HEADERS
         started = False
 
         async def send_with_headers(message: Message) -> None:
@@ -92,13 +102,7 @@ class ResponseGuard:
         try:
             await self.app(scope, receive, send_with_headers)
         except ClientDisconnect:
-            # The client went away before its request had arrived: nothing to answer, nothing
-            # wrong on our side; one line, not a traceback per aborted request.
-            log.info(
-                "client disconnected before its %s %s request was received; not handled",
-                scope.get("method"),
-                scope.get("path"),
-            )
+            log_disconnected(scope)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
