@@ -156,7 +156,7 @@ async def run(a: argparse.Namespace) -> int:
                 flush=True,
             )
     finally:
-        for proc, _, _ in relays:
+        for proc in [*(p for p, _, _ in relays), *fakes]:
             proc.terminate()
         for proc in [*(p for p, _, _ in relays), *fakes]:
             try:

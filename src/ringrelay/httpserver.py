@@ -235,7 +235,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
 
     def on_headers_complete(self) -> None:
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous and self.cycle is not None:
+            self.cycle.transport = OneWriteResponse(self.transport, self.cycle, self.loop)  # type: ignore[assignment]
         self._in_headers = False
         self._body_pending = True
         self._start_timer(self.limits.body_timeout + BODY_TIMEOUT_GRACE_SECONDS)
@@ -306,6 +309,51 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the application's sends become no-ops, receive ends
             cycle.message_event.set()
         self.transport.close()
+
+
+class OneWriteResponse:
+    """The transport a request's cycle writes to: it holds the response's head (status line and
+    headers, one write of uvicorn's) until the body's first write, and sends both in one. uvicorn
+    writes them apart: two send() calls and two TCP segments per answer, where the webhook's
+    answer is a few hundred bytes. A head with no body write in the same step of the event loop
+    (a streamed answer) goes out at the end of that step."""
+
+    __slots__ = ("_cycle", "_head", "_loop", "_transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, cycle: Any, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._loop: asyncio.AbstractEventLoop | None = loop  # None once the head was written
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif self._loop is not None and self._cycle.response_started:
+            # The first write since the answer began is its head (a "100 Continue" comes
+            # before the answer begins and goes out at once).
+            self._head = data
+            self._loop.call_soon(self.flush)
+            self._loop = None
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def bounded_protocol(limits: ConnectionLimits) -> type[BoundedHttpProtocol]:
