@@ -1,5 +1,6 @@
 """Each answer leaves the server in one write (status line, headers and body together), over a
-real connection; a "100 Continue" still goes out at once, before the body is sent."""
+real connection; an answer without a body (HEAD) is not held back, and a "100 Continue" still
+goes out at once, before the body is sent."""
 
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ async def test_answers_leave_in_one_write_and_100_continue_at_once(make_server, 
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a FastAPI route's answer
         answer = await read_answer(reader)
         assert answer.startswith(b"HTTP/1.1 200 ") and writes[1:] == [answer]
+
+        writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # no body is ever written
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 ") and writes[2:] == [head]
+        del writes[2]
 
         writer.write(post + b"Expect: 100-continue\r\n\r\n")
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)

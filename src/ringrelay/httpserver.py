@@ -238,7 +238,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is not previous and self.cycle is not None:
-            self.cycle.transport = OneWriteResponse(self.transport, self.cycle, self.loop)  # type: ignore[assignment]
+            self.cycle.transport = OneWriteResponse(self.transport, self.cycle)  # type: ignore[assignment]
         self._in_headers = False
         self._body_pending = True
         self._start_timer(self.limits.body_timeout + BODY_TIMEOUT_GRACE_SECONDS)
@@ -315,32 +315,36 @@ class OneWriteResponse:
     """The transport a request's cycle writes to: it holds the response's head (status line and
     headers, one write of uvicorn's) until the body's first write, and sends both in one. uvicorn
     writes them apart: two send() calls and two TCP segments per answer, where the webhook's
-    answer is a few hundred bytes. A head with no body write in the same step of the event loop
-    (a streamed answer) goes out at the end of that step."""
+    answer is a few hundred bytes. A head with no body write (HEAD) goes out when the answer
+    completes; a streamed answer's head would go with its first chunk (ringrelay streams none).
+    Not flushed at the end of the loop step: that callback made the loop poll once more per
+    answer whenever it was not saturated."""
 
-    __slots__ = ("_cycle", "_head", "_loop", "_transport")
+    __slots__ = ("_cycle", "_done", "_head", "_transport")
 
-    def __init__(
-        self, transport: asyncio.Transport, cycle: Any, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
         self._transport = transport
         self._cycle = cycle
-        self._loop: asyncio.AbstractEventLoop | None = loop  # None once the head was written
         self._head: bytes | None = None
+        self._done = cycle.on_response  # the protocol's: the next request may come
+        cycle.on_response = self._complete
 
     def write(self, data: bytes) -> None:
         head = self._head
         if head is not None:
             self._head = None
             self._transport.write(head + data)
-        elif self._loop is not None and self._cycle.response_started:
+        elif self._cycle is not None and self._cycle.response_started:
             # The first write since the answer began is its head (a "100 Continue" comes
             # before the answer begins and goes out at once).
             self._head = data
-            self._loop.call_soon(self.flush)
-            self._loop = None
+            self._cycle = None  # later writes are the body's
         else:
             self._transport.write(data)
+
+    def _complete(self) -> None:
+        self.flush()
+        self._done()
 
     def flush(self) -> None:
         head = self._head
