@@ -103,7 +103,9 @@ async def test_internal_errors_show_no_stack_trace(http, sandbox_server) -> None
         await sandbox_server.relay.store.open()
 
 
-async def test_webhook_answers_carry_the_security_headers(http, sandbox_server, monkeypatch) -> None:
+async def test_webhook_answers_carry_the_security_headers(
+    http, sandbox_server, monkeypatch
+) -> None:
     """The webhook answers on bare ASGI, outside ResponseGuard: its answers, a delivery's, a
     handshake's and an error of ours alike, still carry the headers, and an error is a plain
     JSON 500 with nothing of the exception in it."""

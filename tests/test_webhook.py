@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ringrelay.api import webhook
 from ringrelay.simulate import incoming_call_event
 from tests.conftest import FIXTURES, RunningServer, acs_id, load_fixture, post_events, register
 
@@ -455,3 +456,30 @@ async def test_ids_and_types_postgresql_cannot_store_are_rejected_not_retried(tm
         assert reports[2]["reason"] == "data.to.rawId: contains a control character"
         assert reports[3]["reason"] == "data.correlationId: contains a control character"
         assert "\u0000" not in reports[0]["id"] + reports[1]["type"]
+
+
+async def test_the_declared_route_gives_the_short_paths_answers(http, sandbox_server) -> None:
+    """RelayApp answers /api/events on bare ASGI; the FastAPI route declared for the OpenAPI
+    schema must give the same answers should a host route to it instead."""
+    callee = acs_id("declared-route")
+    await register(http, sandbox_server, callee, "phone")
+    event = incoming_call_event(callee)
+    status, short = await post_events(http, sandbox_server, [event])
+    sandbox_server.app.webhook = None  # the request now goes through FastAPI's routing
+    try:
+        status_again, declared = await post_events(http, sandbox_server, [event])
+        assert (status, status_again) == (200, 200)
+        assert declared == short  # a redelivery: the same report, nothing pushed twice
+        assert [d["status"] for d in declared["events"][0]["deliveries"]] == ["accepted"]
+        status, body = await post_events(http, sandbox_server, VALIDATION)
+        assert status == 200 and body == {
+            "validationResponse": VALIDATION[0]["data"]["validationCode"]
+        }
+        async with http.options(
+            f"{sandbox_server.url}/api/events", headers={"WebHook-Request-Origin": "eg.example"}
+        ) as resp:
+            assert resp.status == 200 and resp.headers["WebHook-Allowed-Origin"] == "eg.example"
+        async with http.post(f"{sandbox_server.url}/api/events", data=b"[") as resp:
+            assert resp.status == 400 and "not JSON" in (await resp.json())["error"]
+    finally:
+        sandbox_server.app.webhook = webhook.asgi_endpoint

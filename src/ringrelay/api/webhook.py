@@ -45,14 +45,14 @@ class _JSON(Response):
 
 # The webhook answers on bare ASGI (no Request or Response objects): it is the hot path, and the
 # objects, their header parsing and a wrapped `send` were ~5 % of an IncomingCall's CPU.
-Headers = list[tuple[bytes, bytes]]
-Answer = tuple[int, bytes, Headers]
-_CLOSE: Headers = [(b"connection", b"close")]
-_RETRY: Headers = [(b"retry-after", b"1")]
+RawHeaders = list[tuple[bytes, bytes]]
+Answer = tuple[int, bytes, RawHeaders]
+_CLOSE: RawHeaders = [(b"connection", b"close")]
+_RETRY: RawHeaders = [(b"retry-after", b"1")]
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
-def _json(status: int, content: object, headers: Headers | None = None) -> Answer:
+def _json(status: int, content: object, headers: RawHeaders | None = None) -> Answer:
     return status, orjson.dumps(content), headers or []
 
 
@@ -120,7 +120,7 @@ async def answer_delivery(scope: Scope, receive: Receive) -> Answer:
     if scope["method"] == "OPTIONS":
         # CloudEvents 1.0 abuse protection (cloudevents/spec http-webhook.md §4): allow the
         # requesting origin, and grant the requested rate (or any rate).
-        headers: Headers = [(b"allow", b"POST, OPTIONS")]
+        headers: RawHeaders = [(b"allow", b"POST, OPTIONS")]
         if origin:
             headers.append((b"webhook-allowed-origin", origin))
             headers.append((b"webhook-allowed-rate", rate or b"*"))
@@ -298,12 +298,14 @@ async def asgi_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def events_endpoint(request: Request) -> Response:
-    """The same, for the route declared in the OpenAPI schema (RelayApp answers before it)."""
+    """The same answer, for the route declared in the OpenAPI schema (RelayApp answers first)."""
     status, body, headers = await answer_delivery(request.scope, request.receive)
-    response = _JSON(status_code=status)
-    response.body = body
-    response.raw_headers = [*headers, (b"content-length", b"%d" % len(body)), _JSON_TYPE]
-    return response
+    return Response(
+        body,
+        status_code=status,
+        headers={name.decode(): value.decode("latin-1") for name, value in headers},
+        media_type="application/json" if body else None,
+    )
 
 
 def install(app: FastAPI) -> None:
