@@ -4,6 +4,7 @@ open connections per instance, the webhook's slots, and what a client disconnect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
@@ -143,6 +144,23 @@ def limited_server(tmp_path) -> Iterator[str]:
         except subprocess.TimeoutExpired:  # a server that lost its way cannot stop either
             proc.kill()
             proc.wait(timeout=5)
+
+
+async def test_a_body_refused_with_413_still_gets_its_answer(make_server) -> None:
+    """The webhook answers 413 (with `connection: close`) before reading a body over the limit.
+    A server that then closed at once, with the body still arriving, reset the connection and the
+    client lost the answer (RFC 9112 §9.6); it answers, half-closes, and drops what still comes."""
+    server: RunningServer = make_server()
+    size = 4 * 1024 * 1024
+    reader, writer = await open_raw(server.port, unfinished_post("/api/events", size, b""))
+    await asyncio.sleep(0.3)  # answered by now; a server closing at once has closed
+    writer.write(b"a" * size)  # the refused body, sent all the same
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    answer = await read_until_closed(reader)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"exceeds the" in answer
+    writer.close()
 
 
 async def test_many_slow_connections_leave_room_for_a_delivery(limited_server) -> None:

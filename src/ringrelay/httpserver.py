@@ -206,18 +206,30 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self._linger(_answer(_TOO_LARGE_431, b'{"error":"request headers too large"}'))
 
     def _linger(self, answer: bytes) -> None:
-        """Answer, then read and drop what the client is still sending for a moment before
-        closing: closing with unread data resets the connection, and the client would lose the
-        answer. A lingering connection is the first to go when room is needed."""
-        self._stop_timer()
-        self.receiving.pop(self, None)
-        self.lingering[self] = None
-        self._discarding = True
+        """Answer, then close as `close_after_answer` does. A lingering connection is the first
+        to go when room is needed."""
         cycle = self.cycle  # a pipelined request still being handled: its answer is not sent
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.write(answer)
+        self.close_after_answer()
+
+    def close_after_answer(self) -> None:
+        """Close once the answer is out, reading and dropping what the client is still sending
+        for a moment first. Closing with unread data resets the connection, and the client,
+        still writing its body, loses the answer: a 413 for a body over the limit, or the 431
+        above. RFC 9112 §9.6 asks for this staged close (half-close, keep reading). uvicorn
+        closes at once after an answer that says `connection: close`; its cycle's transport
+        (`OneWriteResponse`) calls this instead."""
+        if self.transport.is_closing() or self._discarding:
+            return
+        self._stop_timer()
+        self.receiving.pop(self, None)
+        self.lingering[self] = None
+        self._discarding = True
+        self.pipeline.clear()  # requests sent after it are not answered (RFC 9112 §9.6)
+        self.flow.resume_reading()  # paused while a body waited for the application
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
@@ -238,7 +250,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is not previous and self.cycle is not None:
-            self.cycle.transport = OneWriteResponse(self.transport, self.cycle)  # type: ignore[assignment]
+            self.cycle.transport = OneWriteResponse(self, self.cycle)  # type: ignore[assignment]
         self._in_headers = False
         self._body_pending = True
         self._start_timer(self.limits.body_timeout + BODY_TIMEOUT_GRACE_SECONDS)
@@ -251,12 +263,17 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._body_pending = False
         self._stop_timer()
         self.receiving.pop(self, None)
-        if self.cycle is not None and self.cycle.response_complete:
+        if self.cycle is not None and self.cycle.response_complete and not self._discarding:
             self._await_request()  # answered before its body ended: the next request may come
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self._body_pending and not self.pipeline:
+        if (
+            not self.transport.is_closing()
+            and not self._discarding
+            and not self._body_pending
+            and not self.pipeline
+        ):
             self._await_request()
 
     def _start_timer(self, seconds: float) -> None:
@@ -320,10 +337,11 @@ class OneWriteResponse:
     Not flushed at the end of the loop step: that callback made the loop poll once more per
     answer whenever it was not saturated."""
 
-    __slots__ = ("_cycle", "_done", "_head", "_transport")
+    __slots__ = ("_close", "_cycle", "_done", "_head", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
-        self._transport = transport
+    def __init__(self, protocol: BoundedHttpProtocol, cycle: Any) -> None:
+        self._transport = protocol.transport
+        self._close = protocol.close_after_answer  # lingers: see there
         self._cycle = cycle
         self._head: bytes | None = None
         self._done = cycle.on_response  # the protocol's: the next request may come
@@ -354,7 +372,7 @@ class OneWriteResponse:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        self._close()
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
