@@ -157,3 +157,17 @@ def test_missing_display_name_becomes_empty() -> None:
     data = filled(SPEC_EVENT)["data"]
     del data["callerDisplayName"]
     assert call_push_from_incoming_call(data).display_name == ""
+
+
+def test_a_registrations_token_fingerprint_is_cached_and_follows_its_token() -> None:
+    import dataclasses
+
+    from ringrelay.models import Platform, PushKind, Registration
+    from ringrelay.redact import fingerprint
+
+    reg = Registration("8:acs:r_1", "phone", Platform.APNS, "ab" * 32, PushKind.VOIP, None, 0, 0, 1)
+    assert reg.token_fingerprint() == fingerprint("ab" * 32) == reg.token_fingerprint()
+    moved = dataclasses.replace(reg, token="cd" * 32)  # a new token: its own fingerprint
+    assert moved.token_fingerprint() == fingerprint("cd" * 32) != reg.token_fingerprint()
+    assert reg == dataclasses.replace(reg)  # the cache takes no part in equality
+    assert "_token_fingerprint" not in repr(reg)

@@ -362,7 +362,7 @@ class Dispatcher:
             attempts=earlier + attempts,
             provider=provider,
             provider_ref=provider_ref,
-            token_fingerprint=fingerprint(reg.token),
+            token_fingerprint=reg.token_fingerprint(),
         )
 
     async def _push_with_retries(
