@@ -50,6 +50,16 @@ Answer = tuple[int, bytes, RawHeaders]
 _CLOSE: RawHeaders = [(b"connection", b"close")]
 _RETRY: RawHeaders = [(b"retry-after", b"1")]
 _JSON_TYPE = (b"content-type", b"application/json")
+_READ_HEADERS = frozenset(
+    (
+        b"content-length",
+        b"content-type",
+        b"authorization",
+        b"aeg-delivery-count",
+        b"webhook-request-origin",
+        b"webhook-request-rate",
+    )
+)
 
 
 def _json(status: int, content: object, headers: RawHeaders | None = None) -> Answer:
@@ -85,22 +95,16 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
 async def answer_delivery(scope: Scope, receive: Receive) -> Answer:
     """The webhook's answer to one request: status, JSON body and extra headers."""
     relay: Relay = scope["app"].state.relay
-    # One pass over the headers for the few the webhook reads (names are lower-case in ASGI).
-    content_length = content_type = authorization = delivery_count = None
-    origin = rate = None
+    # One pass over the headers for the few the webhook reads (names are lower-case in ASGI);
+    # the first of a repeated header counts, as with Starlette's `headers.get`.
+    given: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
-        if name == b"content-length":
-            content_length = content_length or value
-        elif name == b"content-type":
-            content_type = content_type or value
-        elif name == b"authorization":
-            authorization = authorization or value
-        elif name == b"aeg-delivery-count":
-            delivery_count = delivery_count or value
-        elif name == b"webhook-request-origin":
-            origin = origin or value
-        elif name == b"webhook-request-rate":
-            rate = rate or value
+        if name in _READ_HEADERS and name not in given:
+            given[name] = value
+    content_length = given.get(b"content-length")
+    content_type = given.get(b"content-type")
+    authorization = given.get(b"authorization")
+    delivery_count = given.get(b"aeg-delivery-count")
     guard = relay.guard
     if guard.needs_secret and not guard.webhook_secret_ok(
         QueryParams(scope["query_string"]).get("code")
@@ -121,9 +125,10 @@ async def answer_delivery(scope: Scope, receive: Receive) -> Answer:
         # CloudEvents 1.0 abuse protection (cloudevents/spec http-webhook.md §4): allow the
         # requesting origin, and grant the requested rate (or any rate).
         headers: RawHeaders = [(b"allow", b"POST, OPTIONS")]
+        origin = given.get(b"webhook-request-origin")
         if origin:
             headers.append((b"webhook-allowed-origin", origin))
-            headers.append((b"webhook-allowed-rate", rate or b"*"))
+            headers.append((b"webhook-allowed-rate", given.get(b"webhook-request-rate") or b"*"))
         return 200, b"", headers
 
     # The body first, under its own timeout, and only then a delivery slot: slow bodies must
