@@ -95,8 +95,8 @@ class Registration:
     # The app's chat key sealed by ringrelay.chat.keys (never the key itself); `sdk` format only.
     chat_key: str | None = None
     # `redact.fingerprint(token)`, filled on first use: every push's outcome carries it, and a
-    # SHA-256 per device per event was ~1.5 % of a five-device IncomingCall. A cache, not a
-    # change: the object is otherwise never changed once built.
+    # SHA-256 per device per event was 0.5 % of a five-device IncomingCall's instructions
+    # (callgrind). A cache, not a change: the object is otherwise never changed once built.
     _token_fingerprint: str = field(default="", init=False, repr=False, compare=False)
 
     def token_fingerprint(self) -> str:
